@@ -26,6 +26,11 @@ class Callback:
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
         """Called at the start of every epoch, before its batches."""
 
+    def transform_batch(self, trainer: Any, indices: Any, inputs: Any) -> Any:
+        """Return the training inputs of the batch of training-set ``indices`` (after
+        augmentation; cached features in transfer). Default: unchanged."""
+        return inputs
+
     def on_batch_end(self, trainer: Any, epoch: int, step: int, loss: float) -> None:
         """Called after every optimiser step."""
 

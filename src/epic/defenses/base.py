@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from .._callback import Callback
 from .._registry import Registry
 
-__all__ = ["DEFENSES", "DefenseCallback", "NoDefense", "create_defense", "list_defenses",
-           "register_defense"]
+__all__ = ["DEFENSES", "DefenseCallback", "NoDefense", "create_defense", "drop_record",
+           "list_defenses", "register_defense"]
 
 DEFENSES: Registry[DefenseCallback] = Registry("defense")
 
@@ -47,3 +49,16 @@ class NoDefense(DefenseCallback):
     """Undefended training (the baseline every defense is compared with)."""
 
     name = "none"
+
+
+def drop_record(trainer: Any, keep: torch.Tensor, **fields: Any) -> dict[str, Any]:
+    """A round's log record: ``fields`` plus examples kept and dropped so far and, when the
+    trainer knows the poisons (for scoring only), how many poisons and clean examples are out."""
+    record: dict[str, Any] = {**fields, "kept": int(keep.sum()),
+                              "dropped_total": int((~keep).sum())}
+    if trainer.poison_mask is not None:
+        poison = trainer.poison_mask
+        record["poisons_dropped"] = int((poison & ~keep).sum())
+        record["poisons_total"] = int(poison.sum())
+        record["clean_dropped"] = int((~poison & ~keep).sum())
+    return record

@@ -9,7 +9,7 @@ import torch
 
 from .._validation import check_choice
 from ..selection import EPIC, SelectionSchedule, gradient_proxy
-from .base import DefenseCallback, register_defense
+from .base import DefenseCallback, drop_record, register_defense
 
 __all__ = ["EpicDefense", "PROXIES"]
 
@@ -78,19 +78,9 @@ class EpicDefense(DefenseCallback):
         keep[idx[result.keep.cpu()]] = True
         trainer.set_active(keep)
         self.dropped = (~keep).nonzero().squeeze(1)
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "pool": len(idx),
-            "medoids": int(result.medoids.numel()),
-            "dropped_this_round": result.num_dropped,
-            "kept": int(keep.sum()),
-            "dropped_total": int(self.dropped.numel()),
-        }
-        if trainer.poison_mask is not None:
-            poison = trainer.poison_mask
-            record["poisons_dropped"] = int((poison & ~keep).sum())
-            record["poisons_total"] = int(poison.sum())
-            record["clean_dropped"] = int((~poison & ~keep).sum())
+        record = drop_record(trainer, keep, epoch=epoch + 1, pool=len(idx),
+                             medoids=int(result.medoids.numel()),
+                             dropped_this_round=result.num_dropped)
         record["seconds"] = time.perf_counter() - t0
         self.rounds.append(record)
         trainer.log_event("selection", **record)

@@ -104,6 +104,8 @@ class Trainer:
         self.target = None if target is None else target.to(self.device)
         self.poison_mask = None if poison_mask is None else poison_mask.bool().cpu()
         self.callbacks = list(callbacks)
+        self._batch_transforms = [cb for cb in self.callbacks
+                                  if type(cb).transform_batch is not Callback.transform_batch]
         self.out_dir = None if out_dir is None else Path(out_dir)
         # Transfer: frozen extractor, fresh linear head trained on features computed once.
         self.head: nn.Linear | None = None
@@ -242,6 +244,8 @@ class Trainer:
                 model = self.model
                 x = self._to_input(self.images.index_select(0, part_dev))
                 x = augment_batch(x, cfg.augment, cfg.crop_padding, self.generator)
+            for cb in self._batch_transforms:
+                x = cb.transform_batch(self, part_dev, x)
             with self._autocast():
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y)

@@ -1,0 +1,117 @@
+"""Filters: defenses that look at the training set once, score every example and drop some.
+
+A filter's core is a pure function of tensors (:meth:`FilterDefense.filter`: penultimate
+features, labels and logits in, a :class:`FilterResult` out), like cleanlab's issue masks. As a
+training callback it runs once, at the start of epoch ``epoch``, on the examples still active,
+and training continues on what it keeps. By default that epoch is 0 when a pretrained model is
+loaded (transfer and fine-tune: the features are already meaningful) and the first
+learning-rate decay when training from scratch (the features of a partly trained model).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._errors import EpicError
+from .base import DefenseCallback, drop_record
+
+__all__ = ["FilterDefense", "FilterResult"]
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    """What a filter decided over N examples.
+
+    Attributes:
+        keep: (N,) bool mask, False for the flagged examples.
+        scores: (N,) float suspicion score, higher is more suspicious (comparable within a
+            class; ``-inf`` where a filter has no opinion).
+    """
+
+    keep: Tensor
+    scores: Tensor
+
+    @property
+    def dropped(self) -> Tensor:
+        """Indices of the flagged examples, ascending."""
+        return (~self.keep).nonzero().squeeze(1)
+
+    @property
+    def num_dropped(self) -> int:
+        return int((~self.keep).sum())
+
+
+class FilterDefense(DefenseCallback):
+    """Base class of one-shot filters. Subclasses implement :meth:`filter`.
+
+    Args:
+        epoch: the (0-based) epoch at whose start the filter runs; ``None`` picks 0 with a
+            pretrained model and the first learning-rate decay from scratch.
+    """
+
+    name = "filter"
+    needs_features = True
+
+    def __init__(self, *, epoch: int | None = None) -> None:
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)
+                                  or epoch < 0):
+            raise EpicError(f"epoch must be an integer >= 0, got {epoch!r}")
+        self.epoch = epoch
+        self.at: int | None = epoch
+        self.rounds: list[dict[str, Any]] = []
+        self.dropped = torch.empty(0, dtype=torch.long)
+        self.scores: Tensor | None = None
+
+    def filter(self, features: Tensor | None, labels: Tensor, logits: Tensor) -> FilterResult:
+        """Score and flag N examples: features (N, D) (``None`` unless :attr:`needs_features`),
+        labels (N,), logits (N, C), all on one device."""
+        raise NotImplementedError
+
+    def on_train_start(self, trainer: Any) -> None:
+        if self.epoch is not None:
+            self.at = self.epoch
+        elif trainer.config.scenario != "scratch":
+            self.at = 0
+        else:
+            decays = trainer.config.milestone_epochs()
+            self.at = decays[0] if decays else trainer.config.epochs // 2
+
+    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+        if epoch != self.at:
+            return
+        t0 = time.perf_counter()
+        idx = trainer.active.nonzero().squeeze(1)
+        logits, feats = trainer.predict(idx, features=self.needs_features)
+        labels = trainer.labels.index_select(0, idx.to(trainer.labels.device))
+        result = self.filter(feats, labels, logits)
+        if result.keep.shape != (len(idx),):
+            raise EpicError(f"{self.name} returned a mask of shape {tuple(result.keep.shape)} "
+                            f"for {len(idx)} examples")
+        keep = torch.zeros_like(trainer.active)
+        keep[idx[result.keep.cpu()]] = True
+        scores = torch.full((len(trainer.active),), float("nan"))
+        scores[idx] = result.scores.float().cpu()
+        self.scores = scores
+        trainer.set_active(keep)
+        self.dropped = (~keep).nonzero().squeeze(1)
+        record = drop_record(trainer, keep, epoch=epoch + 1, pool=len(idx),
+                             dropped_this_round=result.num_dropped)
+        record["seconds"] = time.perf_counter() - t0
+        self.rounds.append(record)
+        trainer.log_event("filter", defense=self.name, **record)
+
+    def summary(self) -> dict[str, Any]:
+        return {"rounds": len(self.rounds), "dropped": int(self.dropped.numel()),
+                "selection_seconds": sum(r["seconds"] for r in self.rounds)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "dropped": self.dropped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rounds = list(state["rounds"])
+        self.dropped = state["dropped"].cpu()
