@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, print_table, save  # noqa: E402
 from epic.data import load_split  # noqa: E402
@@ -107,6 +109,8 @@ def main() -> None:
     ap.add_argument("--attack-steps", type=int, default=None, help="override every attack's steps")
     ap.add_argument("--victim", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override the victim's training options, e.g. weight_decay=0 lr=0.1")
+    ap.add_argument("--epic", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override EPIC's options, e.g. subset_fraction=0.2 stop=10")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--root", default=None, help="cache folder (default runs/attack_defense/...)")
     ap.add_argument("--out", default=None, help="JSON path (default runs/attack_defense-<time>/)")
@@ -135,6 +139,9 @@ def main() -> None:
                         for k, v in (pair.split("=", 1) for pair in args.victim)}
     victim_tag = "".join(f"-{k}{v:g}" for k, v in sorted(victim_overrides.items()))
     s = {**s, "victim": {**s["victim"], **victim_overrides}}
+    epic_overrides = {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in args.epic)}
+    epic_tag = "".join(f"-{k}{v}" for k, v in sorted(epic_overrides.items()))
+    s = {**s, "epic": {**s["epic"], **epic_overrides}}
     surrogate = Path(os.environ.get("EPIC_CACHE", ".cache")) / "surrogates" / \
         f"{args.dataset}-{sur['model']}-{sur['epochs']}ep-{sur['train_slice']}.pt"
     if not surrogate.exists():
@@ -168,7 +175,8 @@ def main() -> None:
                     poisons=trial["file"], train_slice=s["victim_slice"],
                     checkpoint=str(surrogate) if scenario != "scratch" else None,
                     defense_options=dict(s["epic"]) if defense == "epic" else {},
-                    out=str(root / attack / f"trial-{trial['trial']:03d}-{defense}{victim_tag}"),
+                    out=str(root / attack / (f"trial-{trial['trial']:03d}-{defense}{victim_tag}"
+                                          + (epic_tag if defense == "epic" else ""))),
                     train={**victim, "seed": args.seed + trial["trial"], "progress": False})
                 summary_path = Path(cfg.out) / "summary.json"
                 if summary_path.exists():

@@ -65,7 +65,10 @@ class EpicDefense(DefenseCallback):
         if not self.schedule.is_selection_epoch(epoch):
             return
         t0 = time.perf_counter()
-        pool = trainer.active if self.permanent else torch.ones_like(trainer.active)
+        # Every round clusters the whole training set, as the authors' code does: the dropped
+        # examples still shape the clusters, so the same outliers are found again instead of
+        # their neighbours becoming the next isolated points once they are gone.
+        pool = torch.ones_like(trainer.active)
         idx = pool.nonzero().squeeze(1)
         logits, feats = trainer.predict(idx, features=self.proxy == "last-layer")
         labels = trainer.labels.index_select(0, idx.to(trainer.labels.device))
@@ -76,6 +79,8 @@ class EpicDefense(DefenseCallback):
                                  "labels": labels.cpu(), "keep": result.keep.cpu()})
         keep = torch.zeros_like(pool)
         keep[idx[result.keep.cpu()]] = True
+        if self.permanent:
+            keep &= trainer.active
         trainer.set_active(keep)
         self.dropped = (~keep).nonzero().squeeze(1)
         record = drop_record(trainer, keep, epoch=epoch + 1, pool=len(idx),
