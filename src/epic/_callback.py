@@ -21,7 +21,8 @@ class Callback:
     state_key: str = ""
 
     def on_train_start(self, trainer: Any) -> None:
-        """Called once before the first epoch (also after a resume)."""
+        """Called once before training, and before a checkpoint and the callbacks' own state
+        are restored on resume (so a callback may swap layers or the optimizer here)."""
 
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
         """Called at the start of every epoch, before its batches."""

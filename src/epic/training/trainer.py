@@ -73,6 +73,10 @@ class Trainer:
     Attributes:
         active: (N,) bool mask on the CPU of the examples trained on; callbacks change it
             with :meth:`set_active`.
+        train_module: what the batch loop calls: :attr:`model`, or :attr:`head` in transfer.
+            A defense may swap it, :attr:`optimizer` and :attr:`scheduler` in
+            ``on_train_start`` (e.g. for per-example gradients); :attr:`model` stays the
+            unwrapped network whose ``state_dict`` the checkpoint holds.
         history: one metrics dict per finished epoch.
         events: everything logged (epochs and callback records such as selection rounds).
     """
@@ -119,6 +123,7 @@ class Trainer:
             self.head = find_classifier(self.model)
             self.head.reset_parameters()
             self.head.requires_grad_(True)
+        self.train_module: nn.Module = self.model if self.head is None else self.head
         self.optimizer = build_optimizer(self.model, self.config)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=self.config.milestone_epochs(), gamma=self.config.gamma)
@@ -228,6 +233,7 @@ class Trainer:
     # --------------------------------------------------------------------------- training
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train(self.cache is None)  # a frozen extractor keeps its batch-norm stats
+        self.train_module.train()
         cfg = self.config
         idx = self.active.nonzero().squeeze(1)
         idx = idx[torch.randperm(len(idx), generator=self.generator)]
@@ -239,15 +245,14 @@ class Trainer:
             part_dev = part.to(self.device, non_blocking=True)
             y = self.labels.index_select(0, part_dev)
             if self.cache is not None:
-                model, x = self.head, self.cache.index_select(0, part_dev)
+                x = self.cache.index_select(0, part_dev)
             else:
-                model = self.model
                 x = self._to_input(self.images.index_select(0, part_dev))
                 x = augment_batch(x, cfg.augment, cfg.crop_padding, self.generator)
             for cb in self._batch_transforms:
                 x = cb.transform_batch(self, part_dev, x)
             with self._autocast():
-                logits = model(x)
+                logits = self.train_module(x)
                 loss = F.cross_entropy(logits.float(), y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -262,12 +267,16 @@ class Trainer:
     def fit(self, *, resume: bool = True) -> list[dict[str, Any]]:
         """Train until ``config.epochs``; with ``resume``, continue from ``out_dir``'s checkpoint.
 
+        ``on_train_start`` runs first, before a checkpoint is loaded, so that a callback which
+        swaps the model's layers, :attr:`train_module` or :attr:`optimizer` has done so when
+        the checkpoint (and the callbacks' own state) is restored into them.
+
         Returns:
             :attr:`history`, one metrics dict per epoch.
         """
+        self._call("on_train_start")
         if resume and self.out_dir is not None and (self.out_dir / CHECKPOINT).exists():
             self.load_checkpoint(self.out_dir / CHECKPOINT)
-        self._call("on_train_start")
         epochs = range(self.epoch, self.config.epochs)
         for epoch in epochs:
             t0 = time.perf_counter()
