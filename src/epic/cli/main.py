@@ -246,6 +246,51 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/
     typer.echo(f"\nwrote {out}/demo.json and {out}/demo.png in {result['seconds']:.0f} s")
 
 
+@app.command()
+def bench(config: Annotated[Path, typer.Argument(help="Benchmark config (YAML), e.g. "
+                                                   "configs/cpu-mnist.yaml.")],
+          out: Annotated[Path | None, typer.Option(
+              help="Results folder (default: the config's out, or runs/bench/NAME).")] = None,
+          trials: Annotated[int | None, typer.Option(
+              help="Override the config's number of targets per attack.")] = None,
+          progress: ProgressOpt = True) -> None:
+    """Score every defense against every attack on the same poisons (resumable).
+
+    Each cell (attack x victim x defense x seed x target) is one training run and one line of
+    OUT/results.jsonl; cells already there are skipped, so rerunning continues a stopped
+    benchmark. Then writes the report (as `epic report` does).
+    """
+    from ..evaluation.bench import load_bench_config, run_bench
+    from ..evaluation.report import write_report
+
+    cfg = load_bench_config(config)
+    if trials is not None:
+        if trials < 1:
+            from .._errors import EpicError
+
+            raise EpicError(f"--trials must be >= 1, got {trials}")
+        cfg.trials = trials
+    target = out or Path(cfg.out or f"runs/bench/{cfg.name}")
+    rows = run_bench(cfg, target, progress=progress)
+    result = write_report(target)
+    typer.echo(result["markdown"])
+    typer.echo(f"{len(rows)} cells in {target}/results.jsonl; report: {result['paths']['report']}")
+
+
+@app.command()
+def report(results: Annotated[Path, typer.Argument(
+               help="A folder written by `epic bench` or its results.jsonl.")],
+           out: Annotated[Path | None, typer.Option(
+               help="Where to write report.md and the PNGs (default: beside the results).")]
+           = None) -> None:
+    """Markdown tables (success ± standard error, accuracy, removals, time) and PNG plots."""
+    from ..evaluation.report import write_report
+
+    result = write_report(results, out)
+    typer.echo(result["markdown"])
+    typer.echo("wrote " + ", ".join(result["paths"].values()))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``epic`` script: one-line errors, exit 2 on bad input.
 

@@ -1,0 +1,325 @@
+"""The benchmark harness: every defense against every attack, on the same poisons.
+
+``epic bench CONFIG.yaml`` expands a config into cells (attack x victim x defense x seed x
+target trial). Poisons are crafted once per (attack, seed, trial) and reused by every defense;
+each cell is one training run in its own folder and one line in ``results.jsonl``. A cell whose
+line exists is skipped, and an interrupted cell resumes from its checkpoint, so a benchmark
+stopped by a crash or Ctrl-C continues where it was.
+
+Config keys (see ``configs/*.yaml``)::
+
+    name: cpu-mnist
+    dataset: mnist            # registered dataset; data_root defaults to the shared copy
+    train_slice: "0:10000"    # the victim's training images
+    trials: 5                 # targets per attack and seed
+    seeds: [0]
+    surrogate: {model: convnet, epochs: 6, train_slice: "0:10000", lr: 0.05}  # or {checkpoint: F}
+    victim: {model: convnet, epochs: 6, lr: 0.05}       # or victims: [{label: ..., ...}, ...]
+    attacks: [{name: gradient-matching, budget: 0.01, eps: 16, options: {steps: 250}}]
+    defenses: [none, {name: epic, label: epic-0.1, options: {subset_fraction: 0.1}}]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .. import __version__
+from .._errors import EpicError
+from .._io import write_jsonl, write_yaml
+from ..data import load_split
+from .craft import CraftConfig, choose_targets, craft_poisons
+from .run import RunConfig, pretrain, run_training
+
+__all__ = ["BenchConfig", "Cell", "default_data_root", "load_bench_config", "read_results",
+           "run_bench"]
+
+RESULTS = "results.jsonl"
+TRAIN_KEYS = ("scenario", "epochs", "lr", "batch_size", "weight_decay", "momentum", "nesterov",
+              "milestones", "gamma", "augment", "eval_every", "amp", "channels_last", "device")
+
+
+def default_data_root(dataset: str) -> str | None:
+    """Where tests and benchmarks find a dataset locally: ``$EPIC_CACHE/cifar10`` (built by
+    ``make data``) for CIFAR-10, ``$EPIC_SHARED_DATA/<name>`` for the others."""
+    if dataset == "digits":
+        return None
+    if dataset == "cifar10":
+        return str(Path(os.environ.get("EPIC_CACHE", ".cache")) / "cifar10")
+    return str(Path(os.environ.get("EPIC_SHARED_DATA", "../shared/data")) / dataset)
+
+
+@dataclass
+class BenchConfig:
+    """A validated benchmark config (see the module docstring for the YAML layout)."""
+
+    name: str
+    dataset: str
+    attacks: list[dict[str, Any]]
+    defenses: list[dict[str, Any]]
+    victims: list[dict[str, Any]]
+    surrogate: dict[str, Any]
+    data_root: str | None = None
+    train_slice: str | None = None
+    trials: int = 5
+    seeds: list[int] = field(default_factory=lambda: [0])
+    out: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the grid."""
+
+    attack: str
+    victim: str
+    defense: str
+    seed: int
+    trial: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.attack}/{self.victim}/{self.defense}/seed{self.seed}/trial{self.trial:03d}"
+
+
+_TOP_KEYS = {"name", "dataset", "data_root", "train_slice", "trials", "seeds", "surrogate",
+             "victim", "victims", "attacks", "defenses", "out"}
+_ATTACK_KEYS = {"name", "label", "budget", "eps", "num_poisons", "poison_class", "options"}
+_DEFENSE_KEYS = {"name", "label", "options", "match"}
+_SURROGATE_KEYS = {"checkpoint", "model", "width", "epochs", "train_slice", "lr", "batch_size",
+                   "seed"}
+_VICTIM_KEYS = {"label", "model", "width", "train_size", "defense_options", *TRAIN_KEYS}
+
+
+def _check_keys(where: str, given: dict[str, Any], valid: set[str]) -> None:
+    unknown = sorted(set(given) - valid)
+    if unknown:
+        raise EpicError(f"unknown key {unknown[0]!r} in {where}; valid keys are "
+                        f"{sorted(valid)}")
+
+
+def _as_entries(where: str, value: Any, valid: set[str]) -> list[dict[str, Any]]:
+    """A list of names or dicts, each becoming a dict with ``name`` and a unique ``label``."""
+    if not isinstance(value, list) or not value:
+        raise EpicError(f"{where} must be a non-empty list")
+    entries, labels = [], set()
+    for k, item in enumerate(value):
+        entry = {"name": item} if isinstance(item, str) else item
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise EpicError(f"{where}[{k}] must be a name or a mapping with a 'name'")
+        _check_keys(f"{where}[{k}]", entry, valid)
+        entry = {"options": {}, **entry}
+        entry["label"] = str(entry.get("label") or entry["name"])
+        if entry["label"] in labels:
+            raise EpicError(f"{where}[{k}]: label {entry['label']!r} is used twice; give each "
+                            "entry its own 'label'")
+        labels.add(entry["label"])
+        if not isinstance(entry["options"], dict):
+            raise EpicError(f"{where}[{k}].options must be a mapping")
+        entries.append(entry)
+    return entries
+
+
+def load_bench_config(source: str | Path | dict[str, Any]) -> BenchConfig:
+    """Read and validate a benchmark config; errors name the offending key."""
+    from ..attacks import list_attacks
+    from ..data import list_datasets
+    from ..defenses import list_defenses
+
+    if isinstance(source, dict):
+        raw = copy.deepcopy(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise EpicError(f"bench config {path} does not exist; pass a YAML file such as "
+                            "configs/cpu-mnist.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise EpicError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise EpicError("a bench config must be a mapping of keys to values")
+    _check_keys("the bench config", raw, _TOP_KEYS)
+    for key in ("dataset", "attacks", "defenses", "surrogate"):
+        if key not in raw:
+            raise EpicError(f"the bench config lacks the required key {key!r}")
+    if raw["dataset"] not in list_datasets():
+        raise EpicError(f"unknown dataset {raw['dataset']!r}; choose from {list_datasets()}")
+    if "victim" in raw and "victims" in raw:
+        raise EpicError("give either 'victim' or 'victims', not both")
+    victims_raw = raw.get("victims", [raw.get("victim", {})])
+    if not isinstance(victims_raw, list) or not all(isinstance(v, dict) for v in victims_raw):
+        raise EpicError("'victims' must be a list of mappings (or give one 'victim' mapping)")
+    victims = []
+    for k, v in enumerate(victims_raw):
+        _check_keys(f"victims[{k}]", v, _VICTIM_KEYS)
+        victims.append({"label": str(v.get("label", f"victim{k}" if len(victims_raw) > 1
+                                            else "victim")), **v})
+    if len({v["label"] for v in victims}) != len(victims):
+        raise EpicError("victims need distinct 'label's")
+    attacks = _as_entries("attacks", raw["attacks"], _ATTACK_KEYS)
+    for k, a in enumerate(attacks):
+        if a["name"] not in list_attacks():
+            raise EpicError(f"attacks[{k}]: unknown attack {a['name']!r}; choose from "
+                            f"{list_attacks()}")
+    defenses = _as_entries("defenses", raw["defenses"], _DEFENSE_KEYS)
+    seen: set[str] = set()
+    for k, d in enumerate(defenses):
+        if d["name"] not in list_defenses():
+            raise EpicError(f"defenses[{k}]: unknown defense {d['name']!r}; choose from "
+                            f"{list_defenses()}")
+        if "match" in d and d["match"] not in seen:
+            raise EpicError(f"defenses[{k}].match: {d['match']!r} must be the label of a "
+                            "defense listed before it")
+        seen.add(d["label"])
+    surrogate = raw["surrogate"]
+    if not isinstance(surrogate, dict):
+        raise EpicError("'surrogate' must be a mapping (model, epochs, ...) or {checkpoint: F}")
+    _check_keys("surrogate", surrogate, _SURROGATE_KEYS)
+    trials = raw.get("trials", 5)
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise EpicError(f"trials must be an integer >= 1, got {trials!r}")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise EpicError(f"seeds must be a non-empty list of integers, got {seeds!r}")
+    return BenchConfig(name=str(raw.get("name", "bench")), dataset=raw["dataset"],
+                       data_root=raw.get("data_root"), train_slice=raw.get("train_slice"),
+                       trials=trials, seeds=seeds, surrogate=surrogate, victims=victims,
+                       attacks=attacks, defenses=defenses, out=raw.get("out"))
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """The result lines of a benchmark folder or ``results.jsonl`` file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS
+    if not path.is_file():
+        raise EpicError(f"no results at {path}; pass a folder written by `epic bench`")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise EpicError(f"{path} line {n} is not JSON; the file is damaged") from None
+    return rows
+
+
+def _environment() -> dict[str, Any]:
+    return {"epic": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "threads": torch.get_num_threads()}
+
+
+def _surrogate(cfg: BenchConfig, out: Path, root: str | None, seed: int) -> str:
+    sur = cfg.surrogate
+    if "checkpoint" in sur:
+        path = Path(sur["checkpoint"])
+        if not path.is_file():
+            raise EpicError(f"surrogate checkpoint {path} does not exist")
+        return str(path)
+    path = out / "surrogates" / f"seed{seed}.pt"
+    if not path.exists():
+        train = {"epochs": sur.get("epochs", 10), "lr": sur.get("lr", 0.1),
+                 "batch_size": sur.get("batch_size", 128), "seed": sur.get("seed", seed),
+                 "progress": False}
+        pretrain(RunConfig(dataset=cfg.dataset, data_root=root, model=sur.get("model", "convnet"),
+                           width=sur.get("width"), train_slice=sur.get("train_slice"),
+                           out=str(path) + ".run", train=train), path)
+    return str(path)
+
+
+def _victim_run(cfg: BenchConfig, victim: dict[str, Any], defense: dict[str, Any],
+                options: dict[str, Any], poisons: str, surrogate: str, root: str | None,
+                seed: int, out: Path) -> RunConfig:
+    train = {k: victim[k] for k in TRAIN_KEYS if k in victim}
+    train.update(seed=seed, progress=False)
+    scenario = train.get("scenario", "scratch")
+    extra = victim.get("defense_options", {}).get(defense["name"], {})
+    return RunConfig(dataset=cfg.dataset, data_root=root, model=victim.get("model", "convnet"),
+                     width=victim.get("width"), defense=defense["name"], poisons=poisons,
+                     train_slice=cfg.train_slice,
+                     checkpoint=surrogate if scenario != "scratch" else None,
+                     train_size=victim.get("train_size"), out=str(out),
+                     defense_options={**extra, **options}, train=train)
+
+
+def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
+              progress: bool = True) -> list[dict[str, Any]]:
+    """Run every missing cell of ``cfg``; returns all result lines (old and new)."""
+    out = Path(out or cfg.out or f"runs/bench/{cfg.name}")
+    root = cfg.data_root or default_data_root(cfg.dataset)
+    out.mkdir(parents=True, exist_ok=True)
+    write_yaml(out / "config.yaml", {**cfg.to_dict(), "data_root": root, "out": str(out)})
+    results_path = out / RESULTS
+    rows = read_results(results_path) if results_path.exists() else []
+    done = {r["cell"] for r in rows}
+    test = load_split(cfg.dataset, root, train=False)
+    env = _environment()
+
+    cells = [Cell(a["label"], v["label"], d["label"], s, t) for s in cfg.seeds
+             for a in cfg.attacks for t in range(cfg.trials) for v in cfg.victims
+             for d in cfg.defenses]
+    todo = [c for c in cells if c.key not in done]
+    by_label = {d["label"]: d for d in cfg.defenses}
+    attacks = {a["label"]: a for a in cfg.attacks}
+    victims = {v["label"]: v for v in cfg.victims}
+    trials: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    bar = tqdm(todo, desc=f"bench {cfg.name}", disable=not progress)
+    for cell in bar:
+        bar.set_postfix_str(cell.key)
+        attack = attacks[cell.attack]
+        if (cell.attack, cell.seed) not in trials:
+            surrogate = _surrogate(cfg, out, root, cell.seed)
+            pairs = choose_targets(test, cfg.trials, cell.seed)
+            trials[cell.attack, cell.seed] = craft_poisons(CraftConfig(
+                attack=attack["name"], checkpoints=[surrogate], dataset=cfg.dataset,
+                data_root=root, train_slice=cfg.train_slice, targets=pairs,
+                budget=attack.get("budget", 0.01), eps=attack.get("eps", 16.0),
+                num_poisons=attack.get("num_poisons"), poison_class=attack.get("poison_class"),
+                attack_options=attack["options"], seed=cell.seed,
+                out=str(out / "poisons" / cell.attack / f"seed{cell.seed}"), progress=False))
+        trial = trials[cell.attack, cell.seed][cell.trial]
+        defense = by_label[cell.defense]
+        options = dict(defense["options"])
+        if "match" in defense:  # e.g. random-drop removes as many examples as EPIC did
+            ref = Cell(cell.attack, cell.victim, defense["match"], cell.seed, cell.trial).key
+            matched = next(r for r in rows if r["cell"] == ref)
+            options["count"] = matched["summary"]["poisons_dropped"] + \
+                matched["summary"]["clean_dropped"]
+        run_dir = out / "runs" / cell.key
+        run_cfg = _victim_run(cfg, victims[cell.victim], defense, options, trial["file"],
+                              _surrogate(cfg, out, root, cell.seed), root,
+                              cell.seed * 1000 + cell.trial, run_dir)
+        summary = run_training(run_cfg)
+        rounds = [e for e in _events(run_dir) if e.get("event") in ("selection", "filter")]
+        rows.append({"cell": cell.key, **cell.__dict__, "attack_name": attack["name"],
+                     "defense_name": defense["name"], "target_index": trial["target_index"],
+                     "adv_label": trial["adv_label"], "summary": summary, "rounds": rounds,
+                     "config": {**run_cfg.to_dict(), "attack": attack},
+                     "seeds": {"bench": cell.seed, "train": run_cfg.train["seed"],
+                               "craft": cell.seed + cell.trial},
+                     "env": env, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        write_jsonl(results_path, rows)
+    return rows
+
+
+def _events(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

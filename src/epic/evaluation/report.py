@@ -1,0 +1,153 @@
+"""Tables and plots from a benchmark's ``results.jsonl``.
+
+One markdown table per attack (and victim): attack success with its binomial standard error,
+clean accuracy with its spread, poisons and clean examples removed, wall time and its ratio to
+undefended training; plus two PNGs: success against accuracy for every defense, and the
+fraction of poisons dropped after each EPIC round.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._errors import EpicError
+from .._io import atomic_write
+from .bench import read_results
+
+__all__ = ["DefenseScore", "score", "markdown", "write_report"]
+
+
+@dataclass(frozen=True)
+class DefenseScore:
+    """One defense's aggregate over the trials of one attack and victim."""
+
+    attack: str
+    victim: str
+    defense: str
+    trials: int
+    success: float
+    success_se: float
+    clean_acc: float
+    clean_acc_std: float
+    poisons_removed: float
+    clean_removed: float
+    seconds: float
+    time_ratio: float | None
+
+
+def score(rows: list[dict[str, Any]], baseline: str = "none") -> list[DefenseScore]:
+    """Aggregate result lines per (attack, victim, defense), in the order they first appear."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[r["attack"], r["victim"], r["defense"]].append(r["summary"])
+    base_time = {(a, v): statistics.fmean(s["wall_seconds"] for s in runs)
+                 for (a, v, d), runs in groups.items() if d == baseline}
+    out = []
+    for (attack, victim, defense), runs in groups.items():
+        n = len(runs)
+        p = sum(bool(s.get("attack_success")) for s in runs) / n
+        accs = [float(s["clean_test_acc"]) for s in runs]
+        poisons = sum(s["poisons_total"] for s in runs)
+        clean = sum(s["train_examples"] - s["poisons_total"] for s in runs)
+        seconds = statistics.fmean(s["wall_seconds"] for s in runs)
+        ref = base_time.get((attack, victim))
+        out.append(DefenseScore(
+            attack=attack, victim=victim, defense=defense, trials=n, success=p,
+            success_se=math.sqrt(p * (1 - p) / n), clean_acc=statistics.fmean(accs),
+            clean_acc_std=statistics.pstdev(accs) if n > 1 else 0.0,
+            poisons_removed=sum(s["poisons_dropped"] for s in runs) / max(poisons, 1),
+            clean_removed=sum(s["clean_dropped"] for s in runs) / max(clean, 1),
+            seconds=seconds, time_ratio=seconds / ref if ref else None))
+    return out
+
+
+def markdown(scores: list[DefenseScore]) -> str:
+    """One markdown table per (attack, victim)."""
+    parts = []
+    keys = list(dict.fromkeys((s.attack, s.victim) for s in scores))
+    for attack, victim in keys:
+        rows = [s for s in scores if (s.attack, s.victim) == (attack, victim)]
+        lines = [f"### {attack} ({victim}, {rows[0].trials} trials)", "",
+                 "| defense | attack success | clean accuracy | poisons removed | "
+                 "clean removed | time (s) | time / undefended |",
+                 "|---|---|---|---|---|---|---|"]
+        for s in rows:
+            ratio = f"{s.time_ratio:.2f}x" if s.time_ratio is not None else "n/a"
+            lines.append(f"| {s.defense} | {s.success:.0%} ± {s.success_se:.0%} | "
+                         f"{s.clean_acc:.2%} ± {s.clean_acc_std:.2%} | "
+                         f"{s.poisons_removed:.0%} | {s.clean_removed:.2%} | "
+                         f"{s.seconds:.1f} | {ratio} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def _plot_tradeoff(scores: list[DefenseScore], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(dict.fromkeys((s.attack, s.victim) for s in scores))
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, (attack, victim) in zip(axes[0], keys, strict=True):
+        for s in (s for s in scores if (s.attack, s.victim) == (attack, victim)):
+            ax.errorbar(s.clean_acc, s.success, xerr=s.clean_acc_std, yerr=s.success_se,
+                        fmt="o", capsize=3, label=s.defense)
+        ax.set(xlabel="clean test accuracy", ylabel="attack success", title=f"{attack}",
+               ylim=(-0.05, 1.05))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+    plt.close(fig)
+
+
+def _plot_rounds(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Mean fraction of poisons dropped after each selection round, per EPIC variant."""
+    curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        for e in r.get("rounds", []):
+            if e.get("event") == "selection" and e.get("poisons_total"):
+                label = f"{r['attack']} / {r['defense']}"
+                curves[label][int(e["epoch"])].append(e["poisons_dropped"] / e["poisons_total"])
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, by_epoch in curves.items():
+        epochs = sorted(by_epoch)
+        ax.plot(epochs, [statistics.fmean(by_epoch[e]) for e in epochs], marker=".",
+                label=label)
+    ax.set(xlabel="epoch of the selection round", ylabel="poisons dropped (fraction)",
+           ylim=(-0.05, 1.05), title="EPIC: poisons dropped per round")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+    plt.close(fig)
+    return True
+
+
+def write_report(results: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Write ``report.md``, ``tradeoff.png`` and ``rounds.png`` next to the results (or in
+    ``out``); returns the paths and the scores."""
+    rows = read_results(results)
+    if not rows:
+        raise EpicError(f"{results} holds no finished cells yet; run `epic bench` first")
+    folder = Path(out) if out is not None else (Path(results) if Path(results).is_dir()
+                                                 else Path(results).parent)
+    scores = score(rows)
+    text = markdown(scores)
+    report = atomic_write(folder / "report.md", lambda f: f.write(text))
+    paths = {"report": str(report), "tradeoff": str(folder / "tradeoff.png")}
+    _plot_tradeoff(scores, folder / "tradeoff.png")
+    if _plot_rounds(rows, folder / "rounds.png"):
+        paths["rounds"] = str(folder / "rounds.png")
+    return {"paths": paths, "scores": scores, "markdown": text}

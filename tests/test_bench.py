@@ -1,0 +1,128 @@
+"""The benchmark harness: grid expansion, resuming without redoing cells, config errors, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from epic import EpicError
+from epic.evaluation import bench as bench_mod
+from epic.evaluation import load_bench_config, read_results, run_bench, write_report
+
+TINY = {
+    "name": "tiny", "dataset": "digits", "trials": 2,
+    "surrogate": {"model": "convnet", "epochs": 2, "lr": 0.05},
+    "victim": {"scenario": "transfer", "epochs": 3, "lr": 0.01},
+    "attacks": [{"name": "bullseye-polytope", "num_poisons": 8, "eps": 32,
+                 "options": {"steps": 5}}],
+    "defenses": ["none", {"name": "epic", "label": "epic-0.2",
+                          "options": {"subset_fraction": 0.2}},
+                 {"name": "random-drop", "label": "random", "match": "epic-0.2"}],
+}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rows = run_bench(load_bench_config(TINY), out, progress=False)
+    return out, rows
+
+
+def test_every_cell_runs_once_with_its_config(finished):
+    out, rows = finished
+    assert len(rows) == 2 * 3
+    assert len({r["cell"] for r in rows}) == 6
+    assert read_results(out) == json.loads(json.dumps(rows))
+    for r in rows:
+        assert r["config"]["poisons"].startswith(str(out / "poisons"))
+        assert {"bench", "train", "craft"} <= set(r["seeds"])
+        assert r["env"]["torch"]
+    # poisons are crafted once per trial and shared by every defense
+    for trial in (0, 1):
+        files = {r["config"]["poisons"] for r in rows if r["trial"] == trial}
+        assert len(files) == 1
+    # the random control drops exactly as many examples as EPIC on the same trial
+    for trial in (0, 1):
+        by = {r["defense"]: r["summary"] for r in rows if r["trial"] == trial}
+        epic, rand = by["epic-0.2"], by["random"]
+        assert (rand["poisons_dropped"] + rand["clean_dropped"]
+                == epic["poisons_dropped"] + epic["clean_dropped"])
+    assert any(r["rounds"] for r in rows if r["defense"] == "epic-0.2")
+
+
+def test_resume_skips_finished_cells(finished, monkeypatch):
+    out, rows = finished
+    # a crash after the last cell's run but before its result line: only that cell runs again
+    # (and its run resumes from its own checkpoint)
+    kept = rows[:-1]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    calls = []
+    real = bench_mod.run_training
+
+    def counting(cfg, **kw):
+        calls.append(cfg.out)
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(bench_mod, "run_training", counting)
+    again = run_bench(load_bench_config(TINY), out, progress=False)
+    assert len(calls) == 1 and calls[0].endswith(rows[-1]["cell"])
+    assert [r["cell"] for r in again] == [r["cell"] for r in rows]
+    assert again[-1]["summary"]["clean_test_acc"] == rows[-1]["summary"]["clean_test_acc"]
+    calls.clear()
+    run_bench(load_bench_config(TINY), out, progress=False)
+    assert calls == []
+
+
+def test_report_tables_and_plots(finished, tmp_path):
+    out, _ = finished
+    result = write_report(out, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "| epic-0.2 |" in text and "| random |" in text and "time / undefended" in text
+    assert (tmp_path / "tradeoff.png").stat().st_size > 1000
+    assert "rounds" in result["paths"]
+    none = next(s for s in result["scores"] if s.defense == "none")
+    assert none.time_ratio == pytest.approx(1.0)
+    assert 0 <= none.success <= 1 and none.success_se >= 0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"defences": ["none"]}, "unknown key 'defences'"),
+    ({"attacks": [{"name": "bullseye-polytope", "epsilon": 8}]}, "unknown key 'epsilon'"),
+    ({"attacks": ["nope"]}, "unknown attack 'nope'"),
+    ({"defenses": ["none", "nope"]}, "unknown defense 'nope'"),
+    ({"defenses": [{"name": "random-drop", "match": "epic"}]}, "match"),
+    ({"victim": {"epochs": 3, "learning_rate": 0.1}}, "unknown key 'learning_rate'"),
+    ({"surrogate": {"modle": "convnet"}}, "unknown key 'modle'"),
+    ({"trials": 0}, "trials"),
+    ({"seeds": "0"}, "seeds"),
+    ({"dataset": "imagenet-1k"}, "unknown dataset"),
+    ({"defenses": ["none", "none"]}, "used twice"),
+])
+def test_malformed_config_names_the_bad_key(change, message):
+    with pytest.raises(EpicError, match=message):
+        load_bench_config({**TINY, **change})
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(EpicError, match="does not exist"):
+        load_bench_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset: [unclosed\n")
+    with pytest.raises(EpicError, match="not valid YAML"):
+        load_bench_config(bad)
+    bad.write_text(yaml.safe_dump({k: v for k, v in TINY.items() if k != "attacks"}))
+    with pytest.raises(EpicError, match="'attacks'"):
+        load_bench_config(bad)
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert {p.name for p in configs} >= {"cpu-mnist.yaml", "cpu-cifar10-transfer.yaml",
+                                         "paper-cifar10-gm.yaml",
+                                         "paper-tinyimagenet-bp.yaml"}
+    for path in configs:
+        load_bench_config(path)
