@@ -93,8 +93,10 @@ def train(
 
     Writes OUT/config.yaml, OUT/metrics.jsonl, OUT/summary.json and OUT/checkpoint.pt.
     """
+    from .._distributed import init_from_env, is_main
     from ..evaluation import RunConfig, run_training
 
+    init_from_env()  # under torchrun: one process per GPU, rank 0 prints
     options = {}
     if defense == "epic":
         options = {"subset_fraction": subset_fraction, "interval": interval, "warmup": warmup,
@@ -109,7 +111,8 @@ def train(
                "seed": seed, "device": device, "progress": progress, "scenario": scenario},
     )
     summary = run_training(cfg, resume=resume)
-    _print_summary(summary, out)
+    if is_main():
+        _print_summary(summary, out)
 
 
 @app.command()
@@ -133,6 +136,7 @@ def pretrain(
 
     The run's files (config.yaml, metrics.jsonl, checkpoint.pt to resume) go to OUT.run/.
     """
+    from .._distributed import is_main
     from ..evaluation import RunConfig
     from ..evaluation import pretrain as run_pretrain
 
@@ -143,8 +147,9 @@ def pretrain(
                            "augment": augment, "seed": seed, "device": device,
                            "progress": progress})
     summary = run_pretrain(cfg, out)
-    typer.echo(f"clean test accuracy: {summary['clean_test_acc']:.4f}")
-    typer.echo(f"model: {out}")
+    if is_main():
+        typer.echo(f"clean test accuracy: {summary['clean_test_acc']:.4f}")
+        typer.echo(f"model: {out}")
 
 
 def _parse_options(pairs: list[str]) -> dict:
@@ -260,9 +265,11 @@ def bench(config: Annotated[Path, typer.Argument(help="Benchmark config (YAML), 
     OUT/results.jsonl; cells already there are skipped, so rerunning continues a stopped
     benchmark. Then writes the report (as `epic report` does).
     """
+    from .._distributed import init_from_env, is_main
     from ..evaluation.bench import load_bench_config, run_bench
     from ..evaluation.report import write_report
 
+    init_from_env()  # under torchrun each cell trains on every process
     cfg = load_bench_config(config)
     if trials is not None:
         if trials < 1:
@@ -271,7 +278,9 @@ def bench(config: Annotated[Path, typer.Argument(help="Benchmark config (YAML), 
             raise EpicError(f"--trials must be >= 1, got {trials}")
         cfg.trials = trials
     target = out or Path(cfg.out or f"runs/bench/{cfg.name}")
-    rows = run_bench(cfg, target, progress=progress)
+    rows = run_bench(cfg, target, progress=progress and is_main())
+    if not is_main():
+        return
     result = write_report(target)
     typer.echo(result["markdown"])
     typer.echo(f"{len(rows)} cells in {target}/results.jsonl; report: {result['paths']['report']}")
@@ -297,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     Typer handles usage errors itself (exit 2); errors found in the input's content raise
     :class:`~epic.EpicError`, which is printed as one line here, never as a traceback.
     """
+    from .._distributed import shutdown
     from .._errors import EpicError
 
     try:
@@ -307,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted; run the same command again to resume", err=True)
         return 130
+    finally:
+        shutdown()  # leave the process group of a torchrun launch, if any
     return 0
 
 

@@ -1,4 +1,11 @@
-"""EPIC as a training callback: select at scheduled epochs, train on what is kept."""
+"""EPIC as a training callback: select at scheduled epochs, train on what is kept.
+
+Under ``torchrun`` a round is split across the processes: the trainer predicts a shard of the
+training set on each and gathers the logits, every process clusters the classes ``c`` with
+``c % world == rank``, the dropped indices are gathered, and the trainer takes rank 0's keep
+mask. The stochastic solver is seeded per class, so the examples kept are the same as in one
+process.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .. import _distributed as dist
 from .._validation import check_choice
 from ..selection import EPIC, SelectionSchedule, gradient_proxy
 from .base import DefenseCallback, drop_record, register_defense
@@ -73,23 +81,31 @@ class EpicDefense(DefenseCallback):
         logits, feats = trainer.predict(idx, features=self.proxy == "last-layer")
         labels = trainer.labels.index_select(0, idx.to(trainer.labels.device))
         proxies = gradient_proxy(logits, labels, feats)
-        result = self.epic.select(proxies, labels)
+        classes = None
+        if dist.is_distributed():  # this process's share of the classes
+            rank, world = dist.rank(), dist.world_size()
+            classes = [c for c in torch.unique(labels).tolist() if c % world == rank]
+        result = self.epic.select(proxies, labels, classes=classes)
+        dropped = dist.all_gather_varlen(result.dropped).cpu()  # positions in idx, every class
+        medoids = int(dist.all_gather_varlen(result.medoids).numel())
+        selected = torch.ones(len(idx), dtype=torch.bool)
+        selected[dropped] = False
         if self.record_proxies:
             self.proxies.append({"indices": idx, "vectors": proxies.vectors.cpu(),
-                                 "labels": labels.cpu(), "keep": result.keep.cpu()})
+                                 "labels": labels.cpu(), "keep": selected})
         keep = torch.zeros_like(pool)
-        keep[idx[result.keep.cpu()]] = True
+        keep[idx[selected]] = True
         if self.permanent:
             keep &= trainer.active
-        trainer.set_active(keep)
+        trainer.set_active(keep)  # distributed: rank 0's mask, broadcast to every rank
+        keep = trainer.active
         self.dropped = (~keep).nonzero().squeeze(1)
-        record = drop_record(trainer, keep, epoch=epoch + 1, pool=len(idx),
-                             medoids=int(result.medoids.numel()),
-                             dropped_this_round=result.num_dropped)
+        record = drop_record(trainer, keep, epoch=epoch + 1, pool=len(idx), medoids=medoids,
+                             dropped_this_round=int(dropped.numel()))
         record["seconds"] = time.perf_counter() - t0
         self.rounds.append(record)
         trainer.log_event("selection", **record)
-        if getattr(trainer.config, "progress", False):
+        if getattr(trainer.config, "progress", False) and dist.is_main():
             from tqdm.auto import tqdm
 
             tqdm.write("EPIC round " + " ".join(f"{k}={v:.3f}" if isinstance(v, float)

@@ -35,6 +35,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .. import __version__
+from .. import _distributed as dist
 from .._errors import EpicError
 from .._io import write_jsonl, write_yaml
 from ..data import load_split
@@ -264,7 +265,9 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
     out = Path(out or cfg.out or f"runs/bench/{cfg.name}")
     root = cfg.data_root or default_data_root(cfg.dataset)
     out.mkdir(parents=True, exist_ok=True)
-    write_yaml(out / "config.yaml", {**cfg.to_dict(), "data_root": root, "out": str(out)})
+    main = dist.is_main()  # under torchrun only rank 0 writes the harness's files
+    if main:
+        write_yaml(out / "config.yaml", {**cfg.to_dict(), "data_root": root, "out": str(out)})
     results_path = out / RESULTS
     rows = read_results(results_path) if results_path.exists() else []
     done = {r["cell"] for r in rows}
@@ -314,7 +317,8 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
                      "seeds": {"bench": cell.seed, "train": run_cfg.train["seed"],
                                "craft": cell.seed + cell.trial},
                      "env": env, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        write_jsonl(results_path, rows)
+        if main:
+            write_jsonl(results_path, rows)
     return rows
 
 

@@ -4,6 +4,9 @@ Writes into ``out``: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (o
 epoch and per selection round), ``summary.json`` and ``checkpoint.pt``; every file is written
 atomically, and a run that is interrupted resumes from its checkpoint when started again with
 the same config.
+
+Under ``torchrun`` (several processes) every process trains (see :class:`~epic.training.Trainer`)
+and rank 0 alone writes the files.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import yaml
 
 from .. import __version__
+from .. import _distributed as dist
 from .._device import seed_everything
 from .._errors import EpicError
 from .._io import write_json, write_yaml
@@ -230,7 +234,9 @@ def pretrain(cfg: RunConfig, path: str | Path, *, resume: bool = True) -> dict[s
     """
     cfg = RunConfig(**{**cfg.to_dict(), "defense": "none", "poisons": None})
     summary, trainer, spec = execute_run(cfg, resume=resume)
-    save_model(path, trainer.model, spec, metadata={"summary": summary, "run": cfg.to_dict()})
+    if dist.is_main():
+        save_model(path, trainer.model, spec, metadata={"summary": summary, "run": cfg.to_dict()})
+    dist.barrier()
     return summary
 
 
@@ -238,6 +244,8 @@ def execute_run(cfg: RunConfig, *,
                 resume: bool = True) -> tuple[dict[str, Any], Trainer, dict[str, Any]]:
     """:func:`run_training` that also returns the trainer and the model spec."""
     t_start = time.perf_counter()
+    dist.init_from_env()  # under torchrun; nothing in a single process
+    main = dist.is_main()
     train_cfg = _resolved_train_config(cfg)
     if train_cfg.scenario != "scratch" and cfg.checkpoint is None:
         raise EpicError(f"scenario '{train_cfg.scenario}' starts from a pretrained model; pass "
@@ -257,12 +265,13 @@ def execute_run(cfg: RunConfig, *,
     if cfg.defense == "epic":
         options.setdefault("seed", train_cfg.seed)
     defense = create_defense(cfg.defense, **options)
-    write_yaml(out / "config.yaml", resolved)
+    if main:
+        write_yaml(out / "config.yaml", resolved)
 
     trainer = Trainer(model, train, config=train_cfg, test=test,
                       target=None if poisons is None else poisons.target_image,
                       poison_mask=data["poison_mask"], callbacks=[defense], out_dir=out)
-    if not resume:
+    if not resume and main:
         (out / "checkpoint.pt").unlink(missing_ok=True)
 
     history = trainer.fit(resume=resume)
@@ -291,5 +300,7 @@ def execute_run(cfg: RunConfig, *,
     summary["defense_summary"] = defense.summary()
     summary["wall_seconds"] = time.perf_counter() - t_start
     summary["train_seconds"] = sum(h["seconds"] for h in history)
-    write_json(out / "summary.json", summary)
+    if main:
+        write_json(out / "summary.json", summary)
+    dist.barrier()  # the files are complete when any process returns
     return summary, trainer, spec

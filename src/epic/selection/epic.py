@@ -9,6 +9,7 @@ nothing else is close enough to join its cluster. Medoids whose cluster holds no
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,9 @@ class EPIC:
         metric: ``"euclidean"`` (the paper's) or ``"cosine"``.
         optimizer: ``"lazy"`` exact greedy, ``"stochastic"`` greedy, or ``"auto"``.
         memory_mb: bound on the distance block held in memory at once.
-        seed: seed of the stochastic optimizer.
+        seed: seed of the stochastic optimizer; each class ``c`` draws from its own generator
+            seeded from ``(seed, c)``, so a class's medoids do not depend on which other
+            classes are selected (or by which process).
     """
 
     subset_fraction: float = 0.1
@@ -80,7 +83,8 @@ class EPIC:
         return min(class_size, max(1, int(self.subset_fraction * class_size + 0.5)))
 
     def select(self, proxies: Tensor | GradientProxy, labels: Tensor, *,
-               num_classes: int | None = None) -> SelectionResult:
+               num_classes: int | None = None,
+               classes: Tensor | Sequence[int] | None = None) -> SelectionResult:
         """Run one selection round.
 
         Args:
@@ -89,6 +93,9 @@ class EPIC:
             labels: (N,) integer class labels (the training labels, poisons included).
             num_classes: if given, labels must lie in [0, num_classes) and every class in that
                 range must have examples.
+            classes: cluster only these classes (e.g. one process's share of them); the
+                examples of the other classes are kept, are no medoids and are assigned to
+                themselves. Classes without examples are ignored. Default: every class.
 
         Returns:
             A :class:`SelectionResult` over the N inputs.
@@ -101,21 +108,25 @@ class EPIC:
         if n == 0:
             raise EpicError("proxies are empty: there are no examples to select from")
         labels = check_labels(labels, n, num_classes).to(pts.device)
-        classes = torch.unique(labels)
-        if num_classes is not None and len(classes) < num_classes:
-            present = set(classes.tolist())
-            missing = [c for c in range(num_classes) if c not in present]
+        present = torch.unique(labels).tolist()
+        if num_classes is not None and len(present) < num_classes:
+            missing = sorted(set(range(num_classes)) - set(present))
             raise EpicError(f"class(es) {missing} have no examples; pass num_classes=None to "
                             "select over the classes present")
+
+        chosen = present
+        if classes is not None:
+            wanted = set(torch.as_tensor(classes).reshape(-1).tolist())
+            chosen = [c for c in present if c in wanted]
 
         device = pts.device
         assignment = torch.arange(n, device=device)
         medoids, sizes = [], []
-        gen = torch.Generator().manual_seed(self.seed)
-        for c in classes.tolist():
+        for c in chosen:
             idx = (labels == c).nonzero().squeeze(1)
             if len(idx) <= self.cluster_threshold:
                 continue  # too few examples for isolation to mean anything: keep them all
+            gen = torch.Generator().manual_seed(_class_seed(self.seed, c))
             res = facility_location(pts[idx], self.budget(len(idx)), metric=self.metric,
                                     optimizer=self.optimizer, memory_mb=self.memory_mb,
                                     generator=gen)
@@ -129,3 +140,8 @@ class EPIC:
         keep = torch.ones(n, dtype=torch.bool, device=device)
         keep[dropped] = False
         return SelectionResult(keep, dropped, medoids_t, sizes_t, assignment)
+
+
+def _class_seed(seed: int, c: int) -> int:
+    """The stochastic solver's seed for class ``c`` of a selection seeded with ``seed``."""
+    return (seed * 1_000_003 + c) % (2**63 - 1)

@@ -3,6 +3,11 @@
 The whole training set lives on the device as uint8 (N, C, H, W); an epoch slices a seeded
 permutation of the *active* indices (a defense can shrink that set), so there is no DataLoader
 in the hot path (airbench style). Models take images in [0, 1] and normalise themselves.
+
+Under ``torchrun`` (several processes, see :mod:`epic._distributed`) the trained module is
+wrapped in ``DistributedDataParallel`` and every process builds the same permutation, then
+takes every ``world``-th example of it (a distributed sampler over the active indices); rank 0
+alone writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .. import _distributed as dist
 from .._callback import Callback
 from .._device import resolve_device, seed_everything
 from .._errors import EpicError
@@ -68,12 +75,27 @@ class Trainer:
             never influences training.
         callbacks: hooks called by name, in order.
         out_dir: where ``checkpoint.pt`` and ``metrics.jsonl`` (every event so far) are
-            written after every epoch, atomically.
+            written after every epoch, atomically (by rank 0 only when distributed).
+
+    Several processes (``torchrun``, after :func:`epic._distributed.init_from_env`): every
+    rank holds the whole training set (rank 0's, broadcast), seeds the same generator and
+    draws the same permutation of the active indices each epoch. The permutation is padded by
+    repeating its start to a multiple of the world size (as ``DistributedSampler`` with
+    ``drop_last=False`` does), and rank ``r`` trains on its elements ``r, r + world, ...`` in
+    batches of ``batch_size // world``: the global batch (what one optimiser step sees, the
+    gradients being averaged by ``DistributedDataParallel``) keeps ``config.batch_size``
+    examples when it is divisible by the world size. Augmentation is drawn for the whole
+    global batch on every rank so that the generator stays identical across ranks (a
+    checkpoint of rank 0 is every rank's). Batch-norm statistics are per rank during an epoch
+    and rank 0's are broadcast after it. :meth:`predict` shards its input and gathers the
+    result, and :meth:`set_active` takes rank 0's mask; both are collective (every rank must
+    call them).
 
     Attributes:
         active: (N,) bool mask on the CPU of the examples trained on; callbacks change it
             with :meth:`set_active`.
-        train_module: what the batch loop calls: :attr:`model`, or :attr:`head` in transfer.
+        train_module: what the batch loop calls: :attr:`model`, or :attr:`head` in transfer
+            (inside ``DistributedDataParallel`` during :meth:`fit` when distributed).
             A defense may swap it, :attr:`optimizer` and :attr:`scheduler` in
             ``on_train_start`` (e.g. for per-example gradients); :attr:`model` stays the
             unwrapped network whose ``state_dict`` the checkpoint holds.
@@ -87,7 +109,10 @@ class Trainer:
                  out_dir: str | Path | None = None) -> None:
         self.config = config or TrainConfig()
         self.device = resolve_device(self.config.device)
-        self.generator = seed_everything(self.config.seed)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        if self.world > 1 and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", dist.local_rank())  # one GPU per process
+        self.generator = seed_everything(self.config.seed)  # the same on every rank
         self._check_split("train", train)
         if test is not None:
             self._check_split("test", test)
@@ -103,6 +128,9 @@ class Trainer:
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.images = train.images.to(self.device)
         self.labels = train.labels.to(self.device)
+        if self.world > 1:  # every rank trains on rank 0's data (e.g. its crafted poisons)
+            self.images = dist.broadcast(self.images.clone(), 0)  # clone: never the caller's
+            self.labels = dist.broadcast(self.labels.clone(), 0)
         self.test = (None if test is None else
                      (test.images.to(self.device), test.labels.to(self.device)))
         self.target = None if target is None else target.to(self.device)
@@ -158,11 +186,15 @@ class Trainer:
         yield from indices.split(size)
 
     def set_active(self, mask: Tensor) -> None:
-        """Train on the examples where ``mask`` is True from the next batch on."""
+        """Train on the examples where ``mask`` is True from the next batch on.
+
+        When distributed, every rank must call it, and rank 0's mask is broadcast to all.
+        """
         mask = mask.bool().cpu()
         if mask.shape != self.active.shape:
             raise EpicError(f"active mask must have shape {tuple(self.active.shape)}, "
                             f"got {tuple(mask.shape)}")
+        mask = dist.broadcast(mask.clone(), 0)
         if not mask.any():
             raise EpicError("a defense dropped every training example; lower its fraction")
         self.active = mask
@@ -192,6 +224,10 @@ class Trainer:
         Returns:
             ``(logits, features)`` as float32 tensors on the trainer's device; features is
             ``None`` unless requested.
+
+        When distributed, each rank predicts a contiguous run of whole evaluation batches
+        (each example sees the same batch as in one process) and the results are gathered in
+        the input's order, so every rank gets the full result; every rank must call it.
         """
         if images is None:
             idx = (torch.arange(len(self.labels)) if indices is None else indices.cpu())
@@ -201,13 +237,17 @@ class Trainer:
                 return self.head(feats).float(), (feats if features else None)
         else:
             idx, source = torch.arange(len(images)), images.to(self.device)
+        batches = list(self._batches(idx, self.config.eval_batch_size))
+        if self.world > 1:  # this rank's contiguous share of the batches
+            nb = len(batches)
+            batches = batches[self.rank * nb // self.world:(self.rank + 1) * nb // self.world]
         was_training = self.model.training
         self.model.eval()
         logits, feats = [], []
         try:
             with capture_features(self.model, layer, detach=True) if features \
                     else contextlib.nullcontext() as cap:
-                for part in self._batches(idx, self.config.eval_batch_size):
+                for part in batches:
                     x = self._to_input(source.index_select(0, part.to(self.device)))
                     with self._autocast():
                         logits.append(self.model(x).float())
@@ -215,8 +255,11 @@ class Trainer:
                         feats.append(cap.features.float())
         finally:
             self.model.train(was_training)
-        out = torch.cat(logits) if logits else torch.empty(0, device=self.device)
-        return out, (torch.cat(feats) if features else None)
+        empty = torch.empty(0, device=self.device)
+        out = dist.all_gather_varlen(torch.cat(logits) if logits else empty)
+        if not features:
+            return out, None
+        return out, dist.all_gather_varlen(torch.cat(feats) if feats else empty)
 
     @torch.no_grad()
     def _test_accuracy(self) -> float:
@@ -235,20 +278,31 @@ class Trainer:
         self.model.train(self.cache is None)  # a frozen extractor keeps its batch-norm stats
         self.train_module.train()
         cfg = self.config
+        rank, world = self.rank, self.world
         idx = self.active.nonzero().squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=self.generator)]
+        idx = idx[torch.randperm(len(idx), generator=self.generator)]  # the same on every rank
+        if len(idx) % world:  # pad by repeating, so that every rank gets as many batches
+            extra = world - len(idx) % world
+            idx = torch.cat([idx, idx.repeat(math.ceil(extra / len(idx)))[:extra]])
+        size = max(1, cfg.batch_size // world) * world  # the global batch of one step
         total_loss, correct, seen = 0.0, 0, 0
-        steps = math.ceil(len(idx) / cfg.batch_size)
-        bar = tqdm(self._batches(idx, cfg.batch_size), total=steps, leave=False,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress)
-        for step, part in enumerate(bar):
+        steps = math.ceil(len(idx) / size)
+        bar = tqdm(self._batches(idx, size), total=steps, leave=False,
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and self.rank == 0))
+        for step, batch in enumerate(bar):
+            part = batch[rank::world]  # this rank's examples of the global batch
             part_dev = part.to(self.device, non_blocking=True)
             y = self.labels.index_select(0, part_dev)
             if self.cache is not None:
                 x = self.cache.index_select(0, part_dev)
-            else:
+            elif world == 1 or cfg.augment == "none":
                 x = self._to_input(self.images.index_select(0, part_dev))
                 x = augment_batch(x, cfg.augment, cfg.crop_padding, self.generator)
+            else:  # augment the global batch so that every rank draws the same numbers
+                x = self._to_input(self.images.index_select(0, batch.to(self.device)))
+                x = augment_batch(x, cfg.augment, cfg.crop_padding, self.generator)
+                x = x[rank::world].contiguous(memory_format=self.memory_format)
             for cb in self._batch_transforms:
                 x = cb.transform_batch(self, part_dev, x)
             with self._autocast():
@@ -262,7 +316,26 @@ class Trainer:
             correct += int((logits.argmax(1) == y).sum())
             seen += len(part)
             self._call("on_batch_end", epoch, step, loss_value)
+        if world > 1:
+            for buf in self.model.buffers():  # batch-norm statistics: rank 0's everywhere
+                dist.broadcast(buf, 0)
+            sums = torch.tensor([total_loss, correct, seen], dtype=torch.float64,
+                                device=self.device)
+            total_loss, correct, seen = dist.all_reduce_sum(sums).tolist()
         return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
+
+    def _wrap(self) -> None:
+        """Put :attr:`train_module` inside ``DistributedDataParallel`` when distributed."""
+        if self.world > 1 and not isinstance(self.train_module, DistributedDataParallel):
+            if self.train_module is not (self.model if self.head is None else self.head):
+                raise EpicError("a defense replaced the trained module (dp-sgd does); it runs "
+                                "in one process only: start it without torchrun")
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_module = DistributedDataParallel(self.train_module, device_ids=ids)
+
+    def _unwrap(self) -> None:
+        if isinstance(self.train_module, DistributedDataParallel):
+            self.train_module = self.train_module.module
 
     def fit(self, *, resume: bool = True) -> list[dict[str, Any]]:
         """Train until ``config.epochs``; with ``resume``, continue from ``out_dir``'s checkpoint.
@@ -277,6 +350,8 @@ class Trainer:
         self._call("on_train_start")
         if resume and self.out_dir is not None and (self.out_dir / CHECKPOINT).exists():
             self.load_checkpoint(self.out_dir / CHECKPOINT)
+        self._wrap()  # after the resume; DistributedDataParallel broadcasts rank 0's weights
+        main = self.rank == 0
         epochs = range(self.epoch, self.config.epochs)
         for epoch in epochs:
             t0 = time.perf_counter()
@@ -298,12 +373,13 @@ class Trainer:
             self.history.append(metrics)
             self.log_event("epoch", **metrics)
             self.epoch = epoch + 1
-            if self.out_dir is not None:
+            if self.out_dir is not None and main:
                 self.save_checkpoint(self.out_dir / CHECKPOINT)
                 write_jsonl(self.out_dir / METRICS, self.events)
-            if self.config.progress:
+            if self.config.progress and main:
                 shown = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items()}
                 tqdm.write(" ".join(f"{k}={v}" for k, v in shown.items()))
+        self._unwrap()
         self._call("on_train_end")
         return self.history
 
