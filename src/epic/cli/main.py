@@ -85,6 +85,14 @@ def train(
         help="Pretrained model file (epic pretrain); needed by transfer and finetune.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for everything.")] = 0,
     device: DeviceOpt = "auto",
+    stream: Annotated[bool, typer.Option(
+        help="Read images from their files as needed instead of loading them into memory "
+             "(tinyimagenet, imagefolder).")] = False,
+    num_workers: Annotated[int, typer.Option(
+        help="DataLoader processes decoding streamed images (0: in the training process).")] = 0,
+    image_size: Annotated[int | None, typer.Option(
+        help="Resize and center-crop the images of tinyimagenet / imagefolder to this size.")]
+    = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/train"),
     resume: Annotated[bool, typer.Option(help="Continue from OUT's checkpoint if any.")] = True,
     progress: ProgressOpt = True,
@@ -103,12 +111,14 @@ def train(
                    "stop": stop, "cluster_threshold": cluster_threshold, "proxy": proxy}
     cfg = RunConfig(
         dataset=dataset, data_root=None if data_root is None else str(data_root),
-        download=download, model=model, width=width, defense=defense,
+        download=download, stream=stream, image_size=image_size, model=model, width=width,
+        defense=defense,
         poisons=None if poisons is None else str(poisons), train_size=train_size, out=str(out),
         train_slice=train_slice, checkpoint=None if checkpoint is None else str(checkpoint),
         defense_options={k: v for k, v in options.items() if v is not None},
         train={"epochs": epochs, "batch_size": batch_size, "lr": lr, "augment": augment,
-               "seed": seed, "device": device, "progress": progress, "scenario": scenario},
+               "seed": seed, "device": device, "progress": progress, "scenario": scenario,
+               "num_workers": num_workers},
     )
     summary = run_training(cfg, resume=resume)
     if is_main():

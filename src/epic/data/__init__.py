@@ -21,8 +21,9 @@ from .datasets import (
     load_split,
     register_dataset,
 )
-from .poisoned import PoisonedDataset
+from .poisoned import PoisonedDataset, splice_poisons
 from .poisons import PoisonSet
+from .streaming import StreamingImages, read_image
 
 __all__ = [
     "augment_batch",
@@ -39,10 +40,13 @@ __all__ = [
     "PoisonSet",
     "PoisonedDataset",
     "RestrictedUnpickler",
+    "StreamingImages",
     "TinyImageNet",
     "dataset_info",
     "list_datasets",
     "load_split",
+    "read_image",
     "register_dataset",
     "restricted_load",
+    "splice_poisons",
 ]

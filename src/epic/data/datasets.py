@@ -3,7 +3,10 @@
 Every class takes ``(root, train=True, transform=None, target_transform=None, download=False)``
 and exposes ``data`` (uint8 ``(N, H, W)`` or ``(N, H, W, C)``), ``targets`` (list of ints) and
 ``classes``, like torchvision. ``to_tensors()`` returns the split as :class:`ImageTensors`, the
-form the trainer consumes; :func:`load_split` does both steps by registered name.
+form the trainer consumes; :func:`load_split` does both steps by registered name. The
+file-based datasets (``tinyimagenet``, ``imagefolder``) also have ``streaming(root, train)``,
+which returns a :class:`~epic.data.streaming.StreamingImages` that reads the same files lazily
+(``load_split(..., stream=True)``).
 
 Local copies are read without checking the official md5 sums (re-encoded copies differ); only
 the files' presence and format are checked. ``download=True`` uses torchvision's download code,
@@ -31,6 +34,7 @@ from .._registry import Registry
 from ._idx import read_idx
 from ._tensors import ImageTensors
 from ._unpickle import restricted_load
+from .streaming import StreamingImages
 
 __all__ = [
     "AUGMENTATIONS",
@@ -103,23 +107,43 @@ def register_dataset(name: str | None = None) -> Callable[[D], D]:
     return wrap
 
 
-def load_split(name: str, root: str | Path | None, *, train: bool,
-               download: bool = False) -> ImageTensors:
-    """Load one split of a registered dataset into memory.
+def load_split(name: str, root: str | Path | None, *, train: bool, download: bool = False,
+               stream: bool = False,
+               image_size: int | None = None) -> ImageTensors | StreamingImages:
+    """Load one split of a registered dataset into memory, or open it for streaming.
 
     Args:
         name: Registered dataset name (see :func:`list_datasets`).
         root: Data folder; ignored by ``digits``, required by the others.
         train: True for the training split, False for the test split.
         download: Download the official archive when the files are absent.
+        stream: Return a :class:`StreamingImages` that reads each image file when it is
+            indexed (``tinyimagenet`` and ``imagefolder`` only) instead of loading the split.
+        image_size: Resize and center-crop every image to this height = width (file-based
+            datasets only; default: 64 for ``tinyimagenet``, the first image's size for
+            ``imagefolder``). Without ``stream`` the resized images are loaded into memory.
 
     Returns:
-        The split as ``(N, C, H, W)`` uint8 images with int64 labels.
+        The split as ``(N, C, H, W)`` uint8 images with int64 labels, or with ``stream`` as a
+        :class:`StreamingImages` (labels in memory, images read on demand).
 
     Raises:
-        EpicError: Unknown name, missing root, or missing or malformed files.
+        EpicError: Unknown name, missing root, missing or malformed files, or streaming /
+            ``image_size`` asked of a dataset that is not read from image files.
     """
-    return _DATASETS.get(name)(root, train=train, download=download).to_tensors()
+    cls = _DATASETS.get(name)
+    if not (stream or image_size is not None):
+        return cls(root, train=train, download=download).to_tensors()
+    if not hasattr(cls, "streaming"):
+        what = "stream=True (--stream)" if stream else "image_size (--image-size)"
+        raise EpicError(f"dataset '{name}' is not read from image files, so {what} does not "
+                        f"apply; choose from: {', '.join(_streamable())}")
+    split = cls.streaming(root, train=train, download=download, image_size=image_size)
+    return split if stream else split.to_tensors()
+
+
+def _streamable() -> list[str]:
+    return [n for n in _DATASETS.names() if hasattr(_DATASETS.get(n), "streaming")]
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -436,6 +460,28 @@ class TinyImageNet(_ArrayDataset):
     def __init__(self, root: str | Path | None, train: bool = True,
                  transform: Callable | None = None, target_transform: Callable | None = None,
                  download: bool = False) -> None:
+        paths, targets = self._find_files(root, train, transform, target_transform, download)
+        self.data = _read_images(paths, size=(64, 64))
+        self.targets = targets
+
+    @classmethod
+    def streaming(cls, root: str | Path | None, train: bool = True, *, download: bool = False,
+                  image_size: int | None = None) -> StreamingImages:
+        """The split as :class:`StreamingImages`: same files, classes and order, read lazily.
+
+        ``image_size`` defaults to 64; images of another size are resized and center-cropped
+        to it (the in-memory loader rejects them instead).
+        """
+        ds = cls.__new__(cls)
+        paths, targets = ds._find_files(root, train, None, None, download)
+        size = cls.info.image_size if image_size is None else image_size
+        return StreamingImages(list(zip(paths, targets, strict=True)), ds.classes,
+                               image_size=size)
+
+    def _find_files(self, root: str | Path | None, train: bool, transform: Callable | None,
+                    target_transform: Callable | None,
+                    download: bool) -> tuple[list[str], list[int]]:
+        """Check the layout, set the classes and return the split's image paths and labels."""
         base = _root_path(root, self.info.name)
         folder = base if (base / "wnids.txt").is_file() else base / self.base_folder
         super().__init__(str(folder.parent), transform=transform,
@@ -451,9 +497,7 @@ class TinyImageNet(_ArrayDataset):
         self.classes = sorted({w.strip() for w in (folder / "wnids.txt").read_text().split()})
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.class_names = self._class_names(folder / "words.txt")
-        paths, targets = self._train_files(folder) if train else self._val_files(folder)
-        self.data = _read_images(paths, size=(64, 64))
-        self.targets = targets
+        return self._train_files(folder) if train else self._val_files(folder)
 
     def _train_files(self, folder: Path) -> tuple[list[str], list[int]]:
         paths: list[str] = []
@@ -514,6 +558,26 @@ class ImageFolder(_ArrayDataset):
     def __init__(self, root: str | Path | None, train: bool = True,
                  transform: Callable | None = None, target_transform: Callable | None = None,
                  download: bool = False) -> None:
+        samples = self._find_files(root, train, transform, target_transform, download)
+        self.data = _read_images([p for p, _ in samples])
+        self.targets = [t for _, t in samples]
+
+    @classmethod
+    def streaming(cls, root: str | Path | None, train: bool = True, *, download: bool = False,
+                  image_size: int | None = None) -> StreamingImages:
+        """The split as :class:`StreamingImages`: same files, classes and order, read lazily.
+
+        Images may differ in size: each is resized to cover ``image_size`` (default: the
+        first image's size) and center-cropped to it.
+        """
+        ds = cls.__new__(cls)
+        samples = ds._find_files(root, train, None, None, download)
+        return StreamingImages(samples, ds.classes, image_size=image_size)
+
+    def _find_files(self, root: str | Path | None, train: bool, transform: Callable | None,
+                    target_transform: Callable | None,
+                    download: bool) -> list[tuple[str, int]]:
+        """Check the layout, set the classes and return the split's (path, label) pairs."""
         base = _root_path(root, self.info.name)
         super().__init__(str(base), transform=transform, target_transform=target_transform)
         self.train = train
@@ -541,5 +605,4 @@ class ImageFolder(_ArrayDataset):
                             f"both splits the same class folders")
         if not samples:
             raise _not_found(split, "No images found; put .png or .jpg files in <class>/ folders.")
-        self.data = _read_images([p for p, _ in samples])
-        self.targets = [t for _, t in samples]
+        return samples

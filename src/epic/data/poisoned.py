@@ -8,8 +8,9 @@ from torch.utils.data import Dataset
 from .._errors import EpicError
 from ._tensors import ImageTensors
 from .poisons import PoisonSet
+from .streaming import StreamingImages
 
-__all__ = ["PoisonedDataset"]
+__all__ = ["PoisonedDataset", "splice_poisons"]
 
 
 class PoisonedDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -41,6 +42,9 @@ class PoisonedDataset(Dataset[tuple[torch.Tensor, int]]):
         if not isinstance(poisons, PoisonSet):
             raise EpicError(f"poisons must be a PoisonSet, got {type(poisons).__name__}; load "
                             f"them with PoisonSet.load(path)")
+        if isinstance(base, StreamingImages):
+            raise EpicError("PoisonedDataset holds every image in memory; for a streamed split "
+                            "use splice_poisons(split, poisons)")
         poisons.validate(base, eps=eps)
         device = base.images.device  # the poisons live on the CPU; follow the base split
         idx = poisons.base_indices.to(device)
@@ -76,3 +80,26 @@ class PoisonedDataset(Dataset[tuple[torch.Tensor, int]]):
     def to_tensors(self) -> ImageTensors:
         """The poisoned split as :class:`ImageTensors` (shares this dataset's tensors)."""
         return ImageTensors(self.images, self.labels, list(self.classes))
+
+
+def splice_poisons(base: ImageTensors | StreamingImages, poisons: PoisonSet, *,
+                   eps: float | None = None) -> tuple[ImageTensors | StreamingImages, torch.Tensor]:
+    """``base`` with the poisons in place of their base images, and the ``(N,)`` poison mask.
+
+    An in-memory split goes through :class:`PoisonedDataset`; a :class:`StreamingImages`
+    split keeps streaming its files and returns the poisons, held in memory, at their indices
+    (:meth:`StreamingImages.with_images`). The poisons are validated first either way.
+
+    Returns:
+        ``(split, is_poison)``: the poisoned split (of ``base``'s kind) and a CPU bool mask.
+    """
+    if not isinstance(base, StreamingImages):
+        spliced = PoisonedDataset(base, poisons, eps=eps)
+        return spliced.to_tensors(), spliced.is_poison.cpu()
+    if not isinstance(poisons, PoisonSet):
+        raise EpicError(f"poisons must be a PoisonSet, got {type(poisons).__name__}; load "
+                        f"them with PoisonSet.load(path)")
+    poisons.validate(base, eps=eps)
+    is_poison = torch.zeros(len(base), dtype=torch.bool)
+    is_poison[poisons.base_indices] = True
+    return base.with_images(poisons.base_indices, poisons.images, poisons.labels), is_poison

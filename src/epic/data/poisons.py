@@ -35,6 +35,7 @@ from .._io import atomic_write
 from .._validation import check_choice
 from ._tensors import ImageTensors
 from ._unpickle import restricted_load
+from .streaming import StreamingImages
 
 __all__ = ["POISON_FORMATS", "PoisonSet"]
 
@@ -120,7 +121,8 @@ class PoisonSet:
 
     # ------------------------------------------------------------------ checks
 
-    def validate(self, base: ImageTensors, *, eps: float | None = None) -> None:
+    def validate(self, base: ImageTensors | StreamingImages, *,
+                 eps: float | None = None) -> None:
         """Check that these poisons fit ``base``, the training split they were crafted on.
 
         Checks, in order: eps in (0, 255]; image shape equals the dataset's ``(C, H, W)``;
@@ -129,16 +131,17 @@ class PoisonSet:
         slack, in /255 units).
 
         Args:
-            base: The clean training split.
+            base: The clean training split, in memory or streamed (then only the base images
+                of the poisons are read).
             eps: Perturbation bound out of 255; overrides ``self.eps`` (needed when the file
                 did not record one).
 
         Raises:
             EpicError: The first failed check, naming the offending poison and the fix.
         """
-        if not isinstance(base, ImageTensors):
-            raise EpicError(f"base must be an ImageTensors training split, got "
-                            f"{type(base).__name__}; load it with epic.data.load_split")
+        if not isinstance(base, (ImageTensors, StreamingImages)):
+            raise EpicError(f"base must be an ImageTensors training split (or StreamingImages), "
+                            f"got {type(base).__name__}; load it with epic.data.load_split")
         bound = self.eps if eps is None else _check_eps(eps)
         if bound is None:
             raise EpicError("the perturbation bound of these poisons is unknown (the file has no "
@@ -179,7 +182,8 @@ class PoisonSet:
                             f"{int(base_labels[i])}; clean-label poisons keep the base labels, "
                             f"check that the poisons belong to this dataset")
         if len(self):
-            originals = base.images[idx.to(base.images.device)].cpu()
+            originals = base.read(idx) if isinstance(base, StreamingImages) \
+                else base.images[idx.to(base.images.device)].cpu()
             diff = (self.images.to(torch.int16) - originals.to(torch.int16)).abs()
             per_poison = diff.flatten(1).amax(dim=1)
             i = int(per_poison.argmax())

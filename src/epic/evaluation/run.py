@@ -26,7 +26,14 @@ from .._device import seed_everything
 from .._errors import EpicError
 from .._io import write_json, write_yaml
 from .._validation import check_int
-from ..data import ImageTensors, PoisonedDataset, PoisonSet, dataset_info, load_split
+from ..data import (
+    ImageTensors,
+    PoisonSet,
+    StreamingImages,
+    dataset_info,
+    load_split,
+    splice_poisons,
+)
 from ..defenses import create_defense
 from ..models import create_model, load_model, read_model_spec, save_model
 from ..training import TrainConfig, Trainer
@@ -54,6 +61,10 @@ class RunConfig:
             scenarios (``train["scenario"]``).
         train_size: train on a seeded subset of this many examples (the poisons always kept).
         out: output folder.
+        stream: read the training and test images from their files as they are needed
+            (``tinyimagenet``, ``imagefolder``) instead of loading them into memory; the
+            trainer's ``num_workers`` DataLoader workers decode them.
+        image_size: resize and center-crop the images of a file-based dataset to this size.
         defense_options: extra keyword arguments for the defense.
         train: the training hyperparameters; ``augment=None`` means the dataset's default.
     """
@@ -69,6 +80,8 @@ class RunConfig:
     train_size: int | None = None
     out: str = "runs/train"
     download: bool = False
+    stream: bool = False
+    image_size: int | None = None
     defense_options: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
 
@@ -90,10 +103,14 @@ def parse_slice(text: str, n: int) -> torch.Tensor:
 
 
 def load_splits(dataset: str, data_root: str | None, train_slice: str | None = None, *,
-                download: bool = False) -> tuple[ImageTensors, ImageTensors]:
-    """The training split (restricted to ``train_slice``) and the test split."""
-    train = load_split(dataset, data_root, train=True, download=download)
-    test = load_split(dataset, data_root, train=False, download=download)
+                download: bool = False, stream: bool = False, image_size: int | None = None
+                ) -> tuple[Any, Any]:
+    """The training split (restricted to ``train_slice``) and the test split: ImageTensors,
+    or StreamingImages with ``stream`` (see :func:`epic.data.load_split`)."""
+    train = load_split(dataset, data_root, train=True, download=download, stream=stream,
+                       image_size=image_size)
+    test = load_split(dataset, data_root, train=False, download=download, stream=stream,
+                      image_size=image_size)
     if train_slice is not None:
         train = train.subset(parse_slice(train_slice, len(train)))
     return train, test
@@ -118,17 +135,17 @@ def prepare_data(cfg: RunConfig, seed: int = 0) -> dict[str, Any]:
     """Load the splits, splice in the poisons and take the training subset.
 
     Returns:
-        A dict with ``train`` (ImageTensors), ``test``, ``poison_mask`` (or None), ``poisons``
-        (or None) and ``indices`` (positions of the training subset in the full split).
+        A dict with ``train`` (ImageTensors, or StreamingImages with ``cfg.stream``), ``test``,
+        ``poison_mask`` (or None), ``poisons`` (or None) and ``indices`` (positions of the
+        training subset in the full split).
     """
-    train, test = load_splits(cfg.dataset, cfg.data_root, cfg.train_slice, download=cfg.download)
+    train, test = load_splits(cfg.dataset, cfg.data_root, cfg.train_slice, download=cfg.download,
+                              stream=cfg.stream, image_size=cfg.image_size)
     poisons = None
     poison_mask = torch.zeros(len(train), dtype=torch.bool)
     if cfg.poisons is not None:
         poisons = PoisonSet.load(cfg.poisons)
-        spliced = PoisonedDataset(train, poisons)
-        train = spliced.to_tensors()
-        poison_mask = spliced.is_poison.cpu()
+        train, poison_mask = splice_poisons(train, poisons)
     indices = torch.arange(len(train))
     if cfg.train_size is not None:
         check_int("train_size", cfg.train_size, minimum=1)
@@ -167,7 +184,7 @@ def _check_resumable(out: Path, resolved: dict[str, Any]) -> None:
                         "delete that folder to start over")
 
 
-def build_model(cfg: RunConfig, train: ImageTensors) -> torch.nn.Module:
+def build_model(cfg: RunConfig, train: ImageTensors | StreamingImages) -> torch.nn.Module:
     """The run's model: from ``cfg.checkpoint`` if given (a new head when the classes
     differ), else freshly initialised with the dataset's normalisation inside."""
     if cfg.checkpoint is not None:
@@ -175,21 +192,21 @@ def build_model(cfg: RunConfig, train: ImageTensors) -> torch.nn.Module:
         overrides = {}
         if spec.get("num_classes") != train.num_classes:
             overrides["num_classes"] = train.num_classes
-        if spec.get("in_channels") != train.images.shape[1]:
+        if spec.get("in_channels") != train.image_shape[0]:
             raise EpicError(f"checkpoint {cfg.checkpoint} expects {spec.get('in_channels')} "
-                            f"channels but {cfg.dataset} has {train.images.shape[1]}")
+                            f"channels but {cfg.dataset} has {train.image_shape[0]}")
         return load_model(cfg.checkpoint, **overrides)
     spec = model_spec(cfg, train)
     return create_model(spec.pop("name"), **spec)
 
 
-def model_spec(cfg: RunConfig, train: ImageTensors) -> dict[str, Any]:
+def model_spec(cfg: RunConfig, train: ImageTensors | StreamingImages) -> dict[str, Any]:
     """The ``create_model`` arguments of the run's model (what :func:`save_model` stores)."""
     if cfg.checkpoint is not None:
         spec, _ = read_model_spec(cfg.checkpoint)
         return {**spec, "num_classes": train.num_classes}
     info = dataset_info(cfg.dataset)
-    channels = int(train.images.shape[1])
+    channels = int(train.image_shape[0])
     spec: dict[str, Any] = {
         "name": cfg.model, "num_classes": train.num_classes, "in_channels": channels,
         "mean": list(info.mean if len(info.mean) == channels else (0.5,) * channels),
@@ -197,11 +214,12 @@ def model_spec(cfg: RunConfig, train: ImageTensors) -> dict[str, Any]:
     if cfg.width is not None:
         spec["width"] = cfg.width
     if cfg.model == "mlp":
-        spec["image_size"] = [int(train.images.shape[2]), int(train.images.shape[3])]
+        spec["image_size"] = [int(train.image_shape[1]), int(train.image_shape[2])]
     return spec
 
 
-def _backdoor_summary(trainer: Trainer, poisons: PoisonSet, test: ImageTensors) -> dict[str, Any]:
+def _backdoor_summary(trainer: Trainer, poisons: PoisonSet,
+                      test: ImageTensors | StreamingImages) -> dict[str, Any]:
     """For a hidden-trigger backdoor (sleeper agent), success is measured on every patched
     source-class test image, not on one target; ``attack_success`` is then a majority."""
     if poisons.metadata.get("attack") != "sleeper-agent":
@@ -209,7 +227,9 @@ def _backdoor_summary(trainer: Trainer, poisons: PoisonSet, test: ImageTensors) 
     from ..attacks.sleeper_agent import backdoor_success, trigger_from_metadata
 
     source = int(poisons.metadata["source_class"])
-    rate = backdoor_success(trainer.model, test.images[test.labels == source],
+    sources = test.read(test.labels == source) if isinstance(test, StreamingImages) \
+        else test.images[test.labels == source]
+    rate = backdoor_success(trainer.model, sources,
                             trigger_from_metadata(poisons), poisons.adv_label,
                             placement=poisons.metadata.get("placement", "random"),
                             generator=torch.Generator().manual_seed(0))
@@ -240,6 +260,9 @@ def pretrain(cfg: RunConfig, path: str | Path, *, resume: bool = True) -> dict[s
     return summary
 
 
+_NEEDS_IMAGES = ("friendly-noise", "dp-sgd")  # they read Trainer.images
+
+
 def execute_run(cfg: RunConfig, *,
                 resume: bool = True) -> tuple[dict[str, Any], Trainer, dict[str, Any]]:
     """:func:`run_training` that also returns the trainer and the model spec."""
@@ -256,6 +279,9 @@ def execute_run(cfg: RunConfig, *,
     resolved["train"]["milestones"] = list(train_cfg.milestones)
     if resume:
         _check_resumable(out, resolved)
+    if cfg.stream and cfg.defense in _NEEDS_IMAGES:
+        raise EpicError(f"defense '{cfg.defense}' needs every training image in memory; drop "
+                        f"--stream or choose another defense")
     data = prepare_data(cfg, seed=train_cfg.seed)
     train, test, poisons = data["train"], data["test"], data["poisons"]
     seed_everything(train_cfg.seed)  # the model's initialisation is part of the run's seed

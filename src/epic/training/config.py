@@ -42,6 +42,11 @@ class TrainConfig:
             extractor (eval mode) and trains a freshly initialised final linear layer on
             cached penultimate features (no augmentation: the features are computed once);
             ``"finetune"`` trains every weight of a pretrained model.
+        num_workers: ``DataLoader`` worker processes that decode a streamed split
+            (:class:`~epic.data.StreamingImages`); 0 decodes in the training process. Ignored
+            for splits held in memory.
+        pin_memory: page-locked host buffers for streamed batches on CUDA, so that their copy
+            to the GPU is asynchronous (ignored on CPU and for splits held in memory).
     """
 
     epochs: int = 40
@@ -62,6 +67,8 @@ class TrainConfig:
     progress: bool = True
     scenario: str = "scratch"
     eval_every: int = 1
+    num_workers: int = 0
+    pin_memory: bool = True
 
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, minimum=1)
@@ -70,6 +77,7 @@ class TrainConfig:
         check_int("crop_padding", self.crop_padding, minimum=0)
         check_int("seed", self.seed, minimum=0)
         check_int("eval_every", self.eval_every, minimum=0)
+        check_int("num_workers", self.num_workers, minimum=0)
         check_choice("augment", self.augment, AUGMENTATIONS)
         check_choice("scenario", self.scenario, SCENARIOS)
         if not self.lr > 0:

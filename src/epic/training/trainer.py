@@ -4,6 +4,12 @@ The whole training set lives on the device as uint8 (N, C, H, W); an epoch slice
 permutation of the *active* indices (a defense can shrink that set), so there is no DataLoader
 in the hot path (airbench style). Models take images in [0, 1] and normalise themselves.
 
+A split too large for memory can be streamed instead (:class:`~epic.data.StreamingImages`, or
+anything with ``labels`` and ``__getitem__(i) -> (image, label, i)``): a ``DataLoader`` with
+``config.num_workers`` workers decodes the examples of the same seeded permutation, in the same
+order, into pinned buffers copied to the device without blocking; augmentation still runs on
+the device, and inference streams too, holding only the logits and features.
+
 Under ``torchrun`` (several processes, see :mod:`epic._distributed`) the trained module is
 wrapped in ``DistributedDataParallel`` and every process builds the same permutation, then
 takes every ``world``-th example of it (a distributed sampler over the active indices); rank 0
@@ -24,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import _distributed as dist
@@ -48,6 +55,40 @@ class ImageSplit(Protocol):
     labels: Tensor
 
 
+class StreamedSplit(Protocol):
+    """A split read on demand: int64 ``labels`` (N,), ``image_shape`` (C, H, W), ``len`` and
+    ``__getitem__(i) -> (uint8 (C, H, W) image, label, i)`` (:class:`epic.data.StreamingImages`)."""
+
+    labels: Tensor
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]: ...
+
+
+class _BatchPlan:
+    """A ``DataLoader`` batch sampler whose batches are set before each pass over the loader,
+    so that one loader (and its persistent workers) serves every epoch's permutation."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _is_streamed(split: Any) -> bool:
+    return (not isinstance(getattr(split, "images", None), Tensor)
+            and isinstance(getattr(split, "labels", None), Tensor)
+            and hasattr(split, "__getitem__") and hasattr(split, "__len__"))
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """SGD with weight decay on weights only (not on batch-norm parameters and biases)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -67,9 +108,11 @@ class Trainer:
 
     Args:
         model: a classifier taking images in [0, 1].
-        train: the training split (poisons included), with ``images`` and ``labels``.
+        train: the training split (poisons included), with ``images`` and ``labels``, or a
+            streamed split (:class:`StreamedSplit`, e.g. :class:`epic.data.StreamingImages`)
+            whose images are decoded by ``config.num_workers`` DataLoader workers as needed.
         config: hyperparameters.
-        test: optional clean test split for accuracy after every epoch.
+        test: optional clean test split for accuracy after every epoch (in memory or streamed).
         target: optional (C, H, W) uint8 image whose prediction is logged every epoch.
         poison_mask: optional (N,) bool mask of the poisons, for scoring defenses only; it
             never influences training.
@@ -89,11 +132,16 @@ class Trainer:
     checkpoint of rank 0 is every rank's). Batch-norm statistics are per rank during an epoch
     and rank 0's are broadcast after it. :meth:`predict` shards its input and gathers the
     result, and :meth:`set_active` takes rank 0's mask; both are collective (every rank must
-    call them).
+    call them). A streamed split is read by every rank from the same files (only the labels
+    are broadcast); a rank decodes only its own share of each global batch, and augments it
+    in place inside a global-batch-sized tensor, so every example gets the same crop and flip
+    as in memory.
 
     Attributes:
         active: (N,) bool mask on the CPU of the examples trained on; callbacks change it
             with :meth:`set_active`.
+        images: the training images on the device, or None for a streamed split.
+        stream: the streamed training split, or None when it is held in memory.
         train_module: what the batch loop calls: :attr:`model`, or :attr:`head` in transfer
             (inside ``DistributedDataParallel`` during :meth:`fit` when distributed).
             A defense may swap it, :attr:`optimizer` and :attr:`scheduler` in
@@ -103,8 +151,9 @@ class Trainer:
         events: everything logged (epochs and callback records such as selection rounds).
     """
 
-    def __init__(self, model: nn.Module, train: ImageSplit, *, config: TrainConfig | None = None,
-                 test: ImageSplit | None = None, target: Tensor | None = None,
+    def __init__(self, model: nn.Module, train: ImageSplit | StreamedSplit, *,
+                 config: TrainConfig | None = None,
+                 test: ImageSplit | StreamedSplit | None = None, target: Tensor | None = None,
                  poison_mask: Tensor | None = None, callbacks: Sequence[Callback] = (),
                  out_dir: str | Path | None = None) -> None:
         self.config = config or TrainConfig()
@@ -116,9 +165,9 @@ class Trainer:
         self._check_split("train", train)
         if test is not None:
             self._check_split("test", test)
-            if tuple(test.images.shape[1:]) != tuple(train.images.shape[1:]):
-                raise EpicError(f"test images have shape {tuple(test.images.shape[1:])} but "
-                                f"training images {tuple(train.images.shape[1:])}")
+            if self._shape(test) != self._shape(train):
+                raise EpicError(f"test images have shape {self._shape(test)} but "
+                                f"training images {self._shape(train)}")
         n = len(train.labels)
         if poison_mask is not None and tuple(poison_mask.shape) != (n,):
             raise EpicError(f"poison_mask must have shape ({n},), got {tuple(poison_mask.shape)}")
@@ -126,13 +175,21 @@ class Trainer:
         self.memory_format = (torch.channels_last if self.cuda and self.config.channels_last
                               else torch.contiguous_format)
         self.model = model.to(self.device, memory_format=self.memory_format)
-        self.images = train.images.to(self.device)
+        self._loaders: dict[str, tuple[DataLoader, _BatchPlan, Any]] = {}
+        self.stream: StreamedSplit | None = train if _is_streamed(train) else None
+        self.images: Tensor | None = None
+        if self.stream is None:
+            self.images = train.images.to(self.device)  # type: ignore[union-attr]
         self.labels = train.labels.to(self.device)
         if self.world > 1:  # every rank trains on rank 0's data (e.g. its crafted poisons)
-            self.images = dist.broadcast(self.images.clone(), 0)  # clone: never the caller's
+            if self.images is not None:
+                self.images = dist.broadcast(self.images.clone(), 0)  # clone: never the caller's
             self.labels = dist.broadcast(self.labels.clone(), 0)
-        self.test = (None if test is None else
-                     (test.images.to(self.device), test.labels.to(self.device)))
+        # (images on the device, or the streamed split; labels on the device)
+        self.test: tuple[Any, Tensor] | None = None
+        if test is not None:
+            self.test = (test if _is_streamed(test) else test.images.to(self.device),
+                         test.labels.to(self.device))
         self.target = None if target is None else target.to(self.device)
         self.poison_mask = None if poison_mask is None else poison_mask.bool().cpu()
         self.callbacks = list(callbacks)
@@ -146,8 +203,11 @@ class Trainer:
         if self.config.scenario == "transfer":
             self.model.requires_grad_(False)
             _, self.cache = self.predict(features=True)
-            if self.test is not None:
+            if self.test is not None and isinstance(self.test[0], Tensor):
                 _, self.test_cache = self.predict(images=self.test[0], features=True)
+            elif self.test is not None:  # streamed test split
+                _, self.test_cache = self._predict(self.test[0], torch.arange(len(self.test[1])),
+                                                   features=True, layer=None, key="test")
             self.head = find_classifier(self.model)
             self.head.reset_parameters()
             self.head.requires_grad_(True)
@@ -162,15 +222,32 @@ class Trainer:
 
     @staticmethod
     def _check_split(name: str, split: Any) -> None:
+        if _is_streamed(split):
+            labels, n = split.labels, len(split)
+            if labels.dtype != torch.int64 or labels.shape != (n,):
+                raise EpicError(f"{name} labels of a streamed split must be int64 of shape "
+                                f"({n},), got {labels.dtype} {tuple(labels.shape)}")
+            shape = tuple(getattr(split, "image_shape", ()))
+            if len(shape) != 3:
+                raise EpicError(f"streamed {name} split needs image_shape (C, H, W), got "
+                                f"{shape or 'none'}")
+            return
         images, labels = getattr(split, "images", None), getattr(split, "labels", None)
         if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
-            raise EpicError(f"{name} split needs tensor attributes images and labels")
+            raise EpicError(f"{name} split needs tensor attributes images and labels, or "
+                            f"labels and __getitem__ to be streamed (epic.data.StreamingImages)")
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise EpicError(f"{name} images must be uint8 (N, C, H, W), got {images.dtype} "
                             f"{tuple(images.shape)}")
         if labels.shape != (images.shape[0],):
             raise EpicError(f"{name} labels must have shape ({images.shape[0]},), "
                             f"got {tuple(labels.shape)}")
+
+    @staticmethod
+    def _shape(split: Any) -> tuple[int, ...]:
+        if _is_streamed(split):
+            return tuple(int(v) for v in split.image_shape)
+        return tuple(split.images.shape[1:])
 
     # ----------------------------------------------------------------------------- helpers
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -184,6 +261,36 @@ class Trainer:
 
     def _batches(self, indices: Tensor, size: int) -> Iterator[Tensor]:
         yield from indices.split(size)
+
+    def _streamed(self, key: str, split: Any, parts: Sequence[Tensor]) -> Iterator[Tensor]:
+        """The uint8 images of ``split`` at each of ``parts``, in order, on the device.
+
+        One ``DataLoader`` per ``key`` (training, inference on the training split, on the test
+        split) is kept with its workers for the trainer's life (until :meth:`fit` returns);
+        its batch sampler is given ``parts`` before each pass. The loader draws its base seed
+        from a generator of its own, never from the global or the trainer's generator, so
+        streaming leaves every random state as the in-memory path does.
+        """
+        entry = self._loaders.get(key)
+        if entry is None or entry[2] is not split:
+            plan, workers = _BatchPlan(), self.config.num_workers
+            loader = DataLoader(split, batch_sampler=plan, num_workers=workers,  # type: ignore
+                                pin_memory=self.cuda and self.config.pin_memory,
+                                persistent_workers=workers > 0,
+                                generator=torch.Generator().manual_seed(self.config.seed))
+            entry = self._loaders[key] = (loader, plan, split)
+        loader, plan, _ = entry
+        plan.batches = [p.tolist() for p in parts]
+        for part, (images, _, index) in zip(parts, loader, strict=True):
+            if not torch.equal(index, part.cpu()):  # a split must return the index it was given
+                raise EpicError(f"the streamed split returned examples {index[:4].tolist()}... "
+                                f"for {part[:4].tolist()}...; __getitem__(i) must return "
+                                f"(image, label, i)")
+            yield images.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        """Stop the DataLoader workers of a streamed split (they restart when needed)."""
+        self._loaders.clear()
 
     def set_active(self, mask: Tensor) -> None:
         """Train on the examples where ``mask`` is True from the next batch on.
@@ -231,24 +338,34 @@ class Trainer:
         """
         if images is None:
             idx = (torch.arange(len(self.labels)) if indices is None else indices.cpu())
-            source = self.images
+            source: Any = self.images if self.stream is None else self.stream
             if self.cache is not None:  # transfer: the extractor is frozen, reuse its features
                 feats = self.cache.index_select(0, idx.to(self.device))
                 return self.head(feats).float(), (feats if features else None)
         else:
             idx, source = torch.arange(len(images)), images.to(self.device)
+        return self._predict(source, idx, features=features, layer=layer, key="predict")
+
+    def _predict(self, source: Any, idx: Tensor, *, features: bool, layer: str | None,
+                 key: str) -> tuple[Tensor, Tensor | None]:
+        """:meth:`predict` of ``source`` (images on the device, or a streamed split) at
+        ``idx``; ``key`` names the DataLoader that streams it."""
         batches = list(self._batches(idx, self.config.eval_batch_size))
         if self.world > 1:  # this rank's contiguous share of the batches
             nb = len(batches)
             batches = batches[self.rank * nb // self.world:(self.rank + 1) * nb // self.world]
+        if isinstance(source, Tensor):
+            inputs = (source.index_select(0, part.to(self.device)) for part in batches)
+        else:
+            inputs = self._streamed(key, source, batches)
         was_training = self.model.training
         self.model.eval()
         logits, feats = [], []
         try:
             with capture_features(self.model, layer, detach=True) if features \
                     else contextlib.nullcontext() as cap:
-                for part in batches:
-                    x = self._to_input(source.index_select(0, part.to(self.device)))
+                for pixels in inputs:
+                    x = self._to_input(pixels)
                     with self._autocast():
                         logits.append(self.model(x).float())
                     if features:
@@ -265,6 +382,10 @@ class Trainer:
     def _test_accuracy(self) -> float:
         if self.test_cache is not None:  # transfer: frozen extractor, cached test features
             logits = self.head(self.test_cache)
+            return float((logits.argmax(1) == self.test[1]).float().mean())
+        if not isinstance(self.test[0], Tensor):  # streamed test split
+            logits, _ = self._predict(self.test[0], torch.arange(len(self.test[1])),
+                                      features=False, layer=None, key="test")
             return float((logits.argmax(1) == self.test[1]).float().mean())
         return self.evaluate(*self.test)
 
@@ -287,7 +408,12 @@ class Trainer:
         size = max(1, cfg.batch_size // world) * world  # the global batch of one step
         total_loss, correct, seen = 0.0, 0, 0
         steps = math.ceil(len(idx) / size)
-        bar = tqdm(self._batches(idx, size), total=steps, leave=False,
+        batches: Any = self._batches(idx, size)
+        streamed: Iterator[Tensor] | None = None
+        if self.stream is not None and self.cache is None:  # decode this rank's parts only
+            batches = list(batches)
+            streamed = self._streamed("train", self.stream, [b[rank::world] for b in batches])
+        bar = tqdm(batches, total=steps, leave=False,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and self.rank == 0))
         for step, batch in enumerate(bar):
@@ -296,6 +422,15 @@ class Trainer:
             y = self.labels.index_select(0, part_dev)
             if self.cache is not None:
                 x = self.cache.index_select(0, part_dev)
+            elif streamed is not None:
+                x = self._to_input(next(streamed))
+                if world == 1 or cfg.augment == "none":
+                    x = augment_batch(x, cfg.augment, cfg.crop_padding, self.generator)
+                else:  # the global batch's draws, this rank's rows (the others are zeros)
+                    full = x.new_zeros((len(batch), *x.shape[1:]))
+                    full[rank::world] = x
+                    x = augment_batch(full, cfg.augment, cfg.crop_padding, self.generator)
+                    x = x[rank::world].contiguous(memory_format=self.memory_format)
             elif world == 1 or cfg.augment == "none":
                 x = self._to_input(self.images.index_select(0, part_dev))
                 x = augment_batch(x, cfg.augment, cfg.crop_padding, self.generator)
@@ -316,6 +451,8 @@ class Trainer:
             correct += int((logits.argmax(1) == y).sum())
             seen += len(part)
             self._call("on_batch_end", epoch, step, loss_value)
+        if streamed is not None:
+            next(streamed, None)  # the loader ends its pass (and checks that it is complete)
         if world > 1:
             for buf in self.model.buffers():  # batch-norm statistics: rank 0's everywhere
                 dist.broadcast(buf, 0)
@@ -381,6 +518,7 @@ class Trainer:
                 tqdm.write(" ".join(f"{k}={v}" for k, v in shown.items()))
         self._unwrap()
         self._call("on_train_end")
+        self.close()  # a streamed split's DataLoader workers
         return self.history
 
     # ------------------------------------------------------------------------ checkpoints
