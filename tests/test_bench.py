@@ -126,3 +126,14 @@ def test_shipped_configs_are_valid():
                                          "paper-tinyimagenet-bp.yaml"}
     for path in configs:
         load_bench_config(path)
+
+
+def test_cli_defense_filter_errors(tmp_path, capsys):
+    from epic.cli.main import main
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    assert main(["bench", str(path), "--defense", "nope", "--out", str(tmp_path / "o")]) == 2
+    assert "not in the config" in capsys.readouterr().err
+    assert main(["bench", str(path), "--defense", "random", "--out", str(tmp_path / "o")]) == 2
+    assert "add --defense epic-0.2" in capsys.readouterr().err

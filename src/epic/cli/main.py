@@ -268,6 +268,8 @@ def bench(config: Annotated[Path, typer.Argument(help="Benchmark config (YAML), 
               help="Results folder (default: the config's out, or runs/bench/NAME).")] = None,
           trials: Annotated[int | None, typer.Option(
               help="Override the config's number of targets per attack.")] = None,
+          defense: Annotated[list[str] | None, typer.Option(
+              "--defense", help="Run only the defenses with this label (repeatable).")] = None,
           progress: ProgressOpt = True) -> None:
     """Score every defense against every attack on the same poisons (resumable).
 
@@ -287,6 +289,21 @@ def bench(config: Annotated[Path, typer.Argument(help="Benchmark config (YAML), 
 
             raise EpicError(f"--trials must be >= 1, got {trials}")
         cfg.trials = trials
+    if defense:
+        known = [d["label"] for d in cfg.defenses]
+        unknown = [d for d in defense if d not in known]
+        if unknown:
+            from .._errors import EpicError
+
+            raise EpicError(f"--defense {unknown[0]!r} is not in the config; its labels are "
+                            f"{known}")
+        cfg.defenses = [d for d in cfg.defenses if d["label"] in defense]
+        for d in cfg.defenses:
+            if "match" in d and d["match"] not in defense:
+                from .._errors import EpicError
+
+                raise EpicError(f"defense {d['label']!r} matches {d['match']!r}; "
+                                f"add --defense {d['match']}")
     target = out or Path(cfg.out or f"runs/bench/{cfg.name}")
     rows = run_bench(cfg, target, progress=progress and is_main())
     if not is_main():

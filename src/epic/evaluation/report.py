@@ -72,13 +72,13 @@ def markdown(scores: list[DefenseScore]) -> str:
     keys = list(dict.fromkeys((s.attack, s.victim) for s in scores))
     for attack, victim in keys:
         rows = [s for s in scores if (s.attack, s.victim) == (attack, victim)]
-        lines = [f"### {attack} ({victim}, {rows[0].trials} trials)", "",
-                 "| defense | attack success | clean accuracy | poisons removed | "
+        lines = [f"### {attack} ({victim})", "",
+                 "| defense | trials | attack success | clean accuracy | poisons removed | "
                  "clean removed | time (s) | time / undefended |",
-                 "|---|---|---|---|---|---|---|"]
+                 "|---|---|---|---|---|---|---|---|"]
         for s in rows:
             ratio = f"{s.time_ratio:.2f}x" if s.time_ratio is not None else "n/a"
-            lines.append(f"| {s.defense} | {s.success:.0%} ± {s.success_se:.0%} | "
+            lines.append(f"| {s.defense} | {s.trials} | {s.success:.0%} ± {s.success_se:.0%} | "
                          f"{s.clean_acc:.2%} ± {s.clean_acc_std:.2%} | "
                          f"{s.poisons_removed:.0%} | {s.clean_removed:.2%} | "
                          f"{s.seconds:.1f} | {ratio} |")
