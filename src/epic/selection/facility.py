@@ -6,7 +6,10 @@ the first medoid minimises ``sum_i d(i, j)`` and every later one maximises the r
 ``sum_i max(0, m_i - d(i, j))`` of each point's distance ``m_i`` to its nearest medoid so far.
 So the solvers below work on distances alone and ``c0`` only enters :func:`objective`.
 
-Two solvers, both vectorised and chunked so that memory stays bounded:
+Two solvers, both vectorised and chunked so that memory stays bounded. When the distance
+matrix does not fit, each row sum (a point's total distance, a candidate's gain) is computed
+over cache-sized blocks and never held whole: a greedy step evaluates tens of rows of ``n``
+distances, and with low-dimensional proxies their cost is memory traffic, not arithmetic.
 
 * ``"lazy"``: exact greedy (Minoux's lazy evaluation) in batches: stale gains are upper bounds
   (submodularity); each step re-evaluates the stale top of the bound vector together, in one
@@ -34,6 +37,10 @@ __all__ = ["FacilityLocationResult", "facility_location", "objective", "OPTIMIZE
 
 OPTIMIZERS = ("lazy", "stochastic", "auto")
 _MiB = 2**20
+# On-the-fly row sums go over blocks of about _BLOCK distances (<= _BLOCK_ROWS rows), which
+# stay in cache: a few in-cache passes per block instead of several passes over (rows, n).
+_BLOCK = 2**17
+_BLOCK_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,11 @@ class _Distances:
         self.full: Tensor | None = None
         if self.n * self.n * 4 <= memory_mb * _MiB / 2:
             self.full = self._compute(torch.arange(self.n, device=points.device))
+        # Rows of an on-the-fly row sum at once: cache-sized blocks on the CPU; elsewhere (GPU)
+        # whole rows, as few large kernels beat many small ones there.
+        self.cpu = points.device.type == "cpu"
+        self.sum_rows = min(self.chunk, _BLOCK_ROWS) if self.cpu else self.chunk
+        self._columns: dict[int, list[tuple[GradientProxy, Tensor, int]]] = {}
 
     def _compute(self, idx: Tensor) -> Tensor:
         blocks = [
@@ -88,6 +100,37 @@ class _Distances:
         if self.full is not None:
             return self.full[j]
         return self._compute(torch.tensor([j], device=self.points.device))[0]
+
+    def columns(self, rows: int) -> list[tuple[GradientProxy, Tensor, int]]:
+        """Column blocks ``(points, squared norms, first index)`` of about ``_BLOCK / rows``
+        points on the CPU (a power of two, at least 256; cached per width), else one block."""
+        width = 1 << max(8, (_BLOCK // max(rows, 1)).bit_length() - 1) if self.cpu else self.n
+        if width not in self._columns:
+            self._columns[width] = [(self.points[lo:lo + width], self.sq[lo:lo + width], lo)
+                                    for lo in range(0, self.n, width)]
+        return self._columns[width]
+
+    def sums(self, idx: Tensor, offset: Tensor | None = None) -> Tensor:
+        """(len(idx),) ``sum_i d(j, i)`` for each ``j`` in ``idx``; with ``offset`` (n,), the
+        facility-location gains ``sum_i max(0, offset_i - d(j, i))``."""
+        if self.full is not None:
+            out = []
+            for part in idx.split(self.chunk):
+                rows = self.full.index_select(0, part)
+                out.append(rows.sum(1) if offset is None
+                           else (offset[None, :] - rows).clamp_(min=0).sum(1))
+            return torch.cat(out)
+        out = []
+        for part in idx.split(self.sum_rows):
+            a, a_sq = self.points[part], self.sq.index_select(0, part)
+            acc = a_sq.new_zeros(len(part))
+            for b, b_sq, lo in self.columns(len(part)):
+                block = pairwise_distances(a, b, metric=self.metric, a_sq=a_sq, b_sq=b_sq)
+                if offset is not None:
+                    block = block.neg_().add_(offset[lo:lo + len(b_sq)]).clamp_(min=0)
+                acc += block.sum(1)
+            out.append(acc)
+        return torch.cat(out)
 
     def reduce_rows(self, fn) -> Tensor:
         """Apply ``fn`` to every (chunk, n) block of rows and concatenate the (chunk,) results."""
@@ -137,7 +180,8 @@ def facility_location(points: Tensor | GradientProxy, k: int, *, metric: str = "
     gains: list[float] = []
 
     # First medoid: the point with the smallest total distance (argmin returns the first tie).
-    col_sums = dist.reduce_rows(lambda rows: rows.sum(1))
+    everyone = torch.arange(n, device=device)
+    col_sums = dist.sums(everyone)
     first = int(torch.argmin(col_sums))
     min_dist = dist.row(first).clone()
     min_dist[first] = 0.0
@@ -154,11 +198,11 @@ def facility_location(points: Tensor | GradientProxy, k: int, *, metric: str = "
         gains.append(gain)
 
     def exact_gains(cand: Tensor) -> Tensor:
-        return (min_dist[None, :] - dist.rows(cand)).clamp_(min=0).sum(1)
+        return dist.sums(cand, min_dist)
 
     if optimizer == "lazy":
         # bound[j] >= the current gain of j (stale gains only shrink); -inf marks medoids.
-        bound = dist.reduce_rows(lambda rows: (min_dist[None, :] - rows).clamp_(min=0).sum(1))
+        bound = dist.sums(everyone, min_dist)
         bound[first] = -math.inf
         for t in range(1, k):
             left = n - t
