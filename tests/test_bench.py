@@ -137,3 +137,5 @@ def test_cli_defense_filter_errors(tmp_path, capsys):
     assert "not in the config" in capsys.readouterr().err
     assert main(["bench", str(path), "--defense", "random", "--out", str(tmp_path / "o")]) == 2
     assert "add --defense epic-0.2" in capsys.readouterr().err
+    assert main(["bench", str(path), "--attack", "nope", "--out", str(tmp_path / "o")]) == 2
+    assert "--attack 'nope' is not in the config" in capsys.readouterr().err

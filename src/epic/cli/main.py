@@ -270,6 +270,8 @@ def bench(config: Annotated[Path, typer.Argument(help="Benchmark config (YAML), 
               help="Override the config's number of targets per attack.")] = None,
           defense: Annotated[list[str] | None, typer.Option(
               "--defense", help="Run only the defenses with this label (repeatable).")] = None,
+          attack: Annotated[list[str] | None, typer.Option(
+              "--attack", help="Run only the attacks with this label (repeatable).")] = None,
           progress: ProgressOpt = True) -> None:
     """Score every defense against every attack on the same poisons (resumable).
 
@@ -289,6 +291,15 @@ def bench(config: Annotated[Path, typer.Argument(help="Benchmark config (YAML), 
 
             raise EpicError(f"--trials must be >= 1, got {trials}")
         cfg.trials = trials
+    if attack:
+        known = [a["label"] for a in cfg.attacks]
+        unknown = [a for a in attack if a not in known]
+        if unknown:
+            from .._errors import EpicError
+
+            raise EpicError(f"--attack {unknown[0]!r} is not in the config; its labels are "
+                            f"{known}")
+        cfg.attacks = [a for a in cfg.attacks if a["label"] in attack]
     if defense:
         known = [d["label"] for d in cfg.defenses]
         unknown = [d for d in defense if d not in known]
