@@ -127,6 +127,21 @@ def test_activation_clustering_pca_and_small_classes(planted):
     assert constant.keep.all()
 
 
+def test_activation_clustering_falls_back_to_pca_when_ica_fails(planted, monkeypatch):
+    """FastICA raises inside scipy on near-singular whitening (seen on digits features): the
+    class is then reduced with PCA instead of the run crashing."""
+    import sklearn.decomposition
+
+    def broken(*args, **kwargs):
+        raise ValueError("A has a NaN entry")
+
+    monkeypatch.setattr(sklearn.decomposition.FastICA, "fit_transform", broken)
+    features, labels, logits, poison = planted
+    ica = ActivationClustering().filter(features, labels, logits)
+    pca = ActivationClustering(reduction="pca").filter(features, labels, logits)
+    assert torch.equal(ica.keep, pca.keep) and torch.equal(ica.scores, pca.scores)
+
+
 def test_random_drop_is_seeded_and_exact(planted):
     features, labels, logits, poison = planted
     n = len(labels)

@@ -94,10 +94,14 @@ class ActivationClustering(FilterDefense):
         data = x.double().numpy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
+            reduced = None
             if self.reduction == "ica":
-                reduced = FastICA(n_components=dims, whiten="unit-variance",
-                                  random_state=self.seed).fit_transform(data)
-            if self.reduction == "pca" or not np.isfinite(reduced).all():  # or ICA failed
+                try:
+                    reduced = FastICA(n_components=dims, whiten="unit-variance",
+                                      random_state=self.seed).fit_transform(data)
+                except ValueError:  # near-singular whitening: NaN inside scipy's pinv
+                    reduced = None
+            if reduced is None or not np.isfinite(reduced).all():  # PCA, or ICA failed
                 reduced = PCA(n_components=dims, random_state=self.seed).fit_transform(data)
             ids = KMeans(n_clusters=2, n_init=10, random_state=self.seed).fit_predict(reduced)
         return torch.from_numpy(ids).long()
