@@ -4,7 +4,8 @@
     python benchmarks/train_throughput.py --epochs 4       # a shorter run
     python benchmarks/train_throughput.py --dataset mnist  # $EPIC_SHARED_DATA/mnist instead
     python benchmarks/train_throughput.py --quick          # 256 images, 4 epochs: a smoke run
-    [--model convnet] [--width W] [--train-size N] [--device cpu] [--amp] [--repeats 1]
+    [--model convnet] [--width W] [--train-size N] [--device cpu] [--amp] [--amp-dtype D]
+    [--repeats 1]
     [--data-root DIR] [--out PATH]
 
 Both runs train the same model from the same seed with the library's ``Trainer`` and the paper's
@@ -78,7 +79,8 @@ def build_model(args: argparse.Namespace, train) -> torch.nn.Module:
 
 def train_config(args: argparse.Namespace, epochs: int) -> TrainConfig:
     return TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                       device=args.device, amp=args.amp, progress=False, eval_every=0,
+                       device=args.device, amp=args.amp, amp_dtype=args.amp_dtype, progress=False,
+                       eval_every=0,
                        eval_batch_size=args.eval_batch_size,
                        augment=dataset_info(args.dataset).augmentation)
 
@@ -178,7 +180,9 @@ def main() -> None:
                     help="epochs before EPIC's first round (default: a quarter of --epochs)")
     ap.add_argument("--interval", type=int, default=PAPER_INTERVAL, help="epochs between rounds")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    ap.add_argument("--amp", action="store_true", help="mixed-precision autocast (CUDA only)")
+    ap.add_argument("--amp-dtype", choices=["bfloat16", "float16"], default="bfloat16",
+                    help="autocast dtype with --amp (float16 adds loss scaling)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="256 images, 4 epochs (smoke run)")

@@ -59,6 +59,7 @@ def test_list_reads_the_registries(capsys):
     (["train", "--poisons", "/nonexistent/p.npz"], "cannot load poisons"),
     (["train", "--subset-fraction", "1.5"], "subset_fraction must be in (0, 1]"),
     (["train", "--defense", "magic"], "unknown defense 'magic'"),
+    (["train", "--amp", "fp8"], "unknown value 'fp8' for --amp"),
     (["train", "--device", "cuda:0"] if not torch.cuda.is_available() else
      ["train", "--device", "tpu"], "device"),
 ])

@@ -47,6 +47,18 @@ def test_config_validation_and_milestones():
         TrainConfig(milestones=(0.5, 1.5))
     with pytest.raises(EpicError, match="epochs"):
         TrainConfig(epochs=0)
+    with pytest.raises(EpicError, match="amp_dtype.*bfloat16"):
+        TrainConfig(amp_dtype="fp8")
+
+
+def test_fp16_loss_scaling_only_on_cuda(digits):
+    """amp_dtype=float16 turns on a GradScaler on CUDA; on the CPU it is a pass-through and
+    training is the same as with bf16 (autocast is CUDA-only here)."""
+    cfg = dict(epochs=1, **FAST)
+    fp16 = Trainer(small_model(), digits[0], config=TrainConfig(amp_dtype="float16", **cfg))
+    assert fp16.scaler.is_enabled() == torch.cuda.is_available()
+    bf16 = Trainer(small_model(), digits[0], config=TrainConfig(**cfg))
+    assert fp16.fit()[-1]["train_loss"] == bf16.fit()[-1]["train_loss"]
 
 
 def test_weight_decay_skips_norm_and_bias(digits):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -27,6 +27,8 @@ LrOpt = Annotated[float, typer.Option(help="Initial learning rate.")]
 AugmentOpt = Annotated[str | None, typer.Option(
     help="crop-flip, crop, flip or none (default: the dataset's).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+AmpOpt = Annotated[str, typer.Option(
+    help="Mixed precision on CUDA: bfloat16, float16 (with loss scaling) or off.")]
 ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
 
 
@@ -85,6 +87,7 @@ def train(
         help="Pretrained model file (epic pretrain); needed by transfer and finetune.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for everything.")] = 0,
     device: DeviceOpt = "auto",
+    amp: AmpOpt = "bfloat16",
     stream: Annotated[bool, typer.Option(
         help="Read images from their files as needed instead of loading them into memory "
              "(tinyimagenet, imagefolder).")] = False,
@@ -118,7 +121,7 @@ def train(
         defense_options={k: v for k, v in options.items() if v is not None},
         train={"epochs": epochs, "batch_size": batch_size, "lr": lr, "augment": augment,
                "seed": seed, "device": device, "progress": progress, "scenario": scenario,
-               "num_workers": num_workers},
+               "num_workers": num_workers, **_amp_options(amp)},
     )
     summary = run_training(cfg, resume=resume)
     if is_main():
@@ -237,6 +240,16 @@ def _print_summary(summary: dict, out: Path) -> None:
     typer.echo(f"clean examples dropped: {summary['clean_dropped']}")
     typer.echo(f"wall time: {summary['wall_seconds']:.1f} s")
     typer.echo(f"results: {out}/summary.json")
+
+
+def _amp_options(amp: str) -> dict[str, Any]:
+    """``--amp`` as TrainConfig fields."""
+    if amp == "off":
+        return {"amp": False}
+    from .._validation import check_choice
+    from ..training.config import AMP_DTYPES
+
+    return {"amp": True, "amp_dtype": check_choice("--amp", amp, (*AMP_DTYPES, "off"))}
 
 
 @app.command()

@@ -100,6 +100,9 @@ class DPSGD(DefenseCallback):
 
         if isinstance(trainer.optimizer, DPOptimizer):  # fit() called again: already wrapped
             return
+        if trainer.scaler.is_enabled():  # scaled gradients would be clipped at the wrong norm
+            raise EpicError("dp-sgd does not support amp_dtype=float16 (loss scaling); use "
+                            "amp_dtype=bfloat16 or amp=False")
         cfg = trainer.config
         if trainer.cache is None:  # scratch or fine-tune: the whole model is trained
             trainer.model.train()  # Opacus validates modules in training mode

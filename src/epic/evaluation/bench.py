@@ -47,7 +47,8 @@ __all__ = ["BenchConfig", "Cell", "default_data_root", "load_bench_config", "rea
 
 RESULTS = "results.jsonl"
 TRAIN_KEYS = ("scenario", "epochs", "lr", "batch_size", "weight_decay", "momentum", "nesterov",
-              "milestones", "gamma", "augment", "eval_every", "amp", "channels_last", "device")
+              "milestones", "gamma", "augment", "eval_every", "amp", "amp_dtype", "channels_last",
+              "device")
 
 
 def default_data_root(dataset: str) -> str | None:

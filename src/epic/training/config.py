@@ -8,10 +8,11 @@ from typing import Any
 from .._errors import EpicError
 from .._validation import check_choice, check_int
 
-__all__ = ["TrainConfig", "AUGMENTATIONS", "SCENARIOS"]
+__all__ = ["TrainConfig", "AMP_DTYPES", "AUGMENTATIONS", "SCENARIOS"]
 
 AUGMENTATIONS = ("crop-flip", "crop", "flip", "none")
 SCENARIOS = ("scratch", "transfer", "finetune")
+AMP_DTYPES = ("bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,9 @@ class TrainConfig:
         crop_padding: zero padding of the random crop.
         seed: seeds initialisation, order and augmentation.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        amp: bf16 autocast on CUDA (ignored on CPU).
+        amp: mixed-precision autocast on CUDA (ignored on CPU).
+        amp_dtype: ``"bfloat16"`` (default: no loss scaling needed) or ``"float16"`` (for
+            GPUs without bf16; the loss is scaled by a ``torch.amp.GradScaler``).
         channels_last: channels-last memory format on CUDA (ignored on CPU).
         eval_batch_size: batch size for evaluation and gradient proxies.
         progress: show progress bars.
@@ -62,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    amp_dtype: str = "bfloat16"
     channels_last: bool = True
     eval_batch_size: int = 512
     progress: bool = True
@@ -80,6 +84,7 @@ class TrainConfig:
         check_int("num_workers", self.num_workers, minimum=0)
         check_choice("augment", self.augment, AUGMENTATIONS)
         check_choice("scenario", self.scenario, SCENARIOS)
+        check_choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
         if not self.lr > 0:
             raise EpicError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:

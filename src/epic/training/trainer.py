@@ -215,6 +215,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.config)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=self.config.milestone_epochs(), gamma=self.config.gamma)
+        # fp16 autocast needs loss scaling; disabled (a pass-through) otherwise.
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.cuda and self.config.amp and self.config.amp_dtype == "float16")
         self.active = torch.ones(n, dtype=torch.bool)
         self.epoch = 0  # the next epoch to run
         self.history: list[dict[str, Any]] = []
@@ -252,7 +255,7 @@ class Trainer:
     # ----------------------------------------------------------------------------- helpers
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.cuda and self.config.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast("cuda", dtype=getattr(torch, self.config.amp_dtype))
         return contextlib.nullcontext()
 
     def _to_input(self, images: Tensor) -> Tensor:
@@ -444,8 +447,9 @@ class Trainer:
                 logits = self.train_module(x)
                 loss = F.cross_entropy(logits.float(), y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)  # skips the step on inf/nan gradients (fp16)
+            self.scaler.update()
             loss_value = float(loss.detach())
             total_loss += loss_value * len(part)
             correct += int((logits.argmax(1) == y).sum())
@@ -528,6 +532,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "active": self.active,
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -555,6 +560,8 @@ class Trainer:
                             "defense; use the same --defense or a new --out")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # empty when loss scaling is off
+            self.scaler.load_state_dict(state["scaler"])
         self.active = state["active"].bool().cpu()
         self.generator.set_state(state["generator"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
