@@ -80,6 +80,10 @@ def test_report_tables_and_plots(finished, tmp_path):
     result = write_report(out, tmp_path)
     text = (tmp_path / "report.md").read_text()
     assert "| epic-0.2 |" in text and "| random |" in text and "time / undefended" in text
+    assert "## Per target" in text and "| seed/trial | target (class -> adversarial) |" in text
+    per_target = [line for line in text.splitlines() if line.startswith("| 0/")]
+    assert len(per_target) == 2  # one row per target trial, a column per defense
+    assert all(line.count("HIT") + line.count("miss") == 3 for line in per_target)
     assert (tmp_path / "tradeoff.png").stat().st_size > 1000
     assert "rounds" in result["paths"]
     none = next(s for s in result["scores"] if s.defense == "none")

@@ -19,7 +19,7 @@ from .._errors import EpicError
 from .._io import atomic_write
 from .bench import read_results
 
-__all__ = ["DefenseScore", "score", "markdown", "write_report"]
+__all__ = ["DefenseScore", "score", "markdown", "per_target", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,39 @@ def markdown(scores: list[DefenseScore]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def per_target(rows: list[dict[str, Any]]) -> str:
+    """One markdown table per (attack, victim): a row per target trial, a column per defense,
+    each cell the outcome with the poisons and clean examples that defense dropped."""
+    parts = []
+    keys = list(dict.fromkeys((r["attack"], r["victim"]) for r in rows))
+    for attack, victim in keys:
+        mine = [r for r in rows if (r["attack"], r["victim"]) == (attack, victim)]
+        defenses = list(dict.fromkeys(r["defense"] for r in mine))
+        trials: dict[tuple[int, int], dict[str, dict[str, Any]]] = defaultdict(dict)
+        for r in mine:
+            trials[r["seed"], r["trial"]][r["defense"]] = r["summary"]
+        lines = [f"### {attack} ({victim}): per target", "",
+                 "| seed/trial | target (class -> adversarial) | " + " | ".join(defenses) + " |",
+                 "|---|---|" + "---|" * len(defenses)]
+        for (seed, trial), by in sorted(trials.items()):
+            first = next(iter(by.values()))
+            cells = []
+            for d in defenses:
+                s = by.get(d)
+                if s is None:
+                    cells.append("-")
+                    continue
+                cell = "HIT" if s.get("attack_success") else "miss"
+                if s["poisons_dropped"] or s["clean_dropped"]:
+                    cell += f" ({s['poisons_dropped']}/{s['poisons_total']}, {s['clean_dropped']})"
+                cells.append(cell)
+            lines.append(f"| {seed}/{trial} | {first['target_index']} ({first['target_label']} -> "
+                         f"{first['adv_label']}) | " + " | ".join(cells) + " |")
+        lines += ["", "Cells: outcome (poisons dropped / poisons, clean examples dropped)."]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
 def _plot_tradeoff(scores: list[DefenseScore], path: Path) -> None:
     import matplotlib
 
@@ -145,7 +178,8 @@ def write_report(results: str | Path, out: str | Path | None = None) -> dict[str
                                                  else Path(results).parent)
     scores = score(rows)
     text = markdown(scores)
-    report = atomic_write(folder / "report.md", lambda f: f.write(text))
+    full = text + "\n## Per target\n\n" + per_target(rows)
+    report = atomic_write(folder / "report.md", lambda f: f.write(full))
     paths = {"report": str(report), "tradeoff": str(folder / "tradeoff.png")}
     _plot_tradeoff(scores, folder / "tradeoff.png")
     if _plot_rounds(rows, folder / "rounds.png"):
