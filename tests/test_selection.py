@@ -68,6 +68,17 @@ def test_chunked_and_precomputed_paths_pick_the_same_medoids():
     assert torch.equal(full.assignment, chunked.assignment)
 
 
+def test_on_the_fly_row_sums_over_several_column_blocks_match_the_matrix():
+    """3,000 points without the matrix: row sums go over several cache-sized column blocks
+    (and several row chunks); the medoids and gains are those of the precomputed path."""
+    x = torch.randn(3000, 6, generator=torch.Generator().manual_seed(3))
+    full = facility_location(x, 30)
+    blocks = facility_location(x, 30, memory_mb=1.0)  # the 36 MB matrix does not fit
+    assert torch.equal(full.medoids, blocks.medoids)
+    assert torch.equal(full.assignment, blocks.assignment)
+    assert torch.allclose(full.gains, blocks.gains, rtol=1e-4)
+
+
 def test_stochastic_greedy_is_seeded_and_close_to_lazy():
     x = torch.randn(2000, 10, generator=torch.Generator().manual_seed(2))
     a, b = (facility_location(x, 100, optimizer="stochastic",
