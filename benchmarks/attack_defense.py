@@ -13,8 +13,10 @@ r"""Attack success with and without EPIC, per target, on real data.
     python benchmarks/attack_defense.py --setting paper --dataset cifar10 --targets 100
 
 Every stage is cached under ``--root`` and skipped when its output exists (surrogate, each
-trial's poisons, each training run), so an interrupted benchmark resumes. Prints one table per
-attack and writes ``result.json`` with the per-target rows and the resolved settings.
+trial's poisons, each training run), so an interrupted benchmark resumes. ``--jobs N`` trains N
+victims at once, each in its own process (give each ``OMP_NUM_THREADS=1`` on a small machine).
+Prints one table per attack and writes ``result.json`` with the per-target rows and the
+resolved settings.
 """
 
 from __future__ import annotations
@@ -111,6 +113,9 @@ def main() -> None:
                     help="override the victim's training options, e.g. weight_decay=0 lr=0.1")
     ap.add_argument("--epic", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override EPIC's options, e.g. subset_fraction=0.2 stop=10")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="training runs at once, each in its own process with "
+                         "$OMP_NUM_THREADS (default 1) threads; crafting stays in this process")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--root", default=None, help="cache folder (default runs/attack_defense/...)")
     ap.add_argument("--out", default=None, help="JSON path (default runs/attack_defense-<time>/)")
@@ -162,15 +167,13 @@ def main() -> None:
             budget=s.get("budget", 0.01), eps=s["eps"],
             attack_options=s["attack_options"].get(attack, {}), seed=args.seed,
             out=str(root / attack / "poisons"), progress=True))
-        rows = []
+        configs = {}
         for trial in trials:
-            row = {"target": trial["target_index"], "true": trial["target_label"],
-                   "adv": trial["adv_label"]}
             for defense in ("none", "epic"):
                 victim = dict(s["victim"])
                 model = victim.pop("model", sur["model"])
                 scenario = victim["scenario"]
-                cfg = RunConfig(
+                configs[trial["trial"], defense] = RunConfig(
                     dataset=args.dataset, data_root=droot, model=model, defense=defense,
                     poisons=trial["file"], train_slice=s["victim_slice"],
                     checkpoint=str(surrogate) if scenario != "scratch" else None,
@@ -178,11 +181,13 @@ def main() -> None:
                     out=str(root / attack / (f"trial-{trial['trial']:03d}-{defense}{victim_tag}"
                                           + (epic_tag if defense == "epic" else ""))),
                     train={**victim, "seed": args.seed + trial["trial"], "progress": False})
-                summary_path = Path(cfg.out) / "summary.json"
-                if summary_path.exists():
-                    summary = json.loads(summary_path.read_text())
-                else:
-                    summary = run_training(cfg)
+        summaries = run_all(list(configs.values()), args.jobs)
+        rows = []
+        for trial in trials:
+            row = {"target": trial["target_index"], "true": trial["target_label"],
+                   "adv": trial["adv_label"]}
+            for defense in ("none", "epic"):
+                summary = summaries[configs[trial["trial"], defense].out]
                 row[defense] = {k: summary.get(k) for k in (
                     "attack_success", "clean_test_acc", "target_pred", "poisons_dropped",
                     "poisons_total", "clean_dropped", "train_examples", "wall_seconds")}
@@ -213,6 +218,31 @@ def main() -> None:
         "env": environment(), "seconds": time.perf_counter() - t0,
         "command": " ".join(sys.argv)}, args.out)
     print(f"\nwrote {path}")
+
+
+def _run_one(cfg: RunConfig) -> dict[str, Any]:
+    return run_training(cfg)
+
+
+def run_all(configs: list[RunConfig], jobs: int) -> dict[str, dict[str, Any]]:
+    """Each run's summary by its ``out``: read when it exists (cached), else trained, ``jobs``
+    at a time in worker processes (a run is seeded, so it does not depend on which)."""
+    def cached(cfg: RunConfig) -> dict[str, Any] | None:
+        path = Path(cfg.out) / "summary.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    todo = [c for c in configs if cached(c) is None]
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            for cfg, _ in zip(todo, pool.map(_run_one, todo), strict=True):
+                print(f"finished {cfg.out}", flush=True)
+    else:
+        for cfg in todo:
+            run_training(cfg)
+    return {c.out: cached(c) for c in configs}
 
 
 def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
