@@ -248,3 +248,15 @@ def test_selection_core_imports_only_torch_and_plumbing():
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     assert not forbidden & set(alias.name.split(".")[1:]), path.name
+
+
+def test_finiteness_check_goes_block_by_block_and_finds_a_late_nan():
+    from epic._validation import _all_finite
+
+    x = torch.zeros(1000, 7)
+    assert _all_finite(x, block=64)
+    x[-1, -1] = float("inf")  # in the last of many blocks
+    assert not _all_finite(x, block=64)
+    x[-1, -1] = float("nan")
+    assert not _all_finite(x, block=64) and not _all_finite(x)
+    assert _all_finite(torch.tensor(1.0)) and not _all_finite(torch.tensor(float("nan")))

@@ -128,7 +128,7 @@ def as_proxy(points: Tensor | GradientProxy) -> GradientProxy:
     """Accept either plain (N, d) vectors or a :class:`GradientProxy`."""
     if isinstance(points, GradientProxy):
         return points
-    return GradientProxy(check_tensor("proxies", points, ndim=2, floating=True))
+    return GradientProxy(points)  # checked (shape, dtype, finite) on construction
 
 
 def pairwise_distances(a: Tensor | GradientProxy, b: Tensor | GradientProxy, *,
