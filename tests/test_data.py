@@ -29,7 +29,7 @@ from epic.data import (
 from epic.data._idx import read_idx
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("EPIC_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED = Path(os.environ.get("EPIC_SHARED_DATA", REPO.parent / "shared" / "data")).absolute()
 CACHE = Path(os.environ.get("EPIC_CACHE", REPO / ".cache"))
 MNIST_DIR = SHARED / "mnist"
 CIFAR_DIR = CACHE / "cifar10"
