@@ -102,7 +102,8 @@ def train_once(args: argparse.Namespace, defense_name: str, train, test) -> dict
     """Train from scratch with ``defense_name``; time ``Trainer`` construction and ``fit``."""
     options: dict[str, Any] = {}
     if defense_name == "epic":
-        options = {"subset_fraction": args.fraction, "seed": args.seed, **schedule(args)}
+        options = {"subset_fraction": args.fraction, "seed": args.seed,
+                   "proxy_pass": args.proxy_pass, **schedule(args)}
     defense = create_defense(defense_name, **options)
     model = build_model(args, train)
     t0 = time.perf_counter()
@@ -176,6 +177,9 @@ def main() -> None:
     ap.add_argument("--eval-batch-size", type=int, default=TrainConfig.eval_batch_size,
                     help="batch size of EPIC's proxy pass (inference over the training set)")
     ap.add_argument("--fraction", type=float, default=0.1, help="EPIC subset_fraction")
+    ap.add_argument("--proxy-pass", choices=["separate", "training"], default="separate",
+                    help="EPIC's logits: a separate inference pass per round, or the training "
+                         "steps' logits of the epoch before it")
     ap.add_argument("--warmup", type=int, default=None,
                     help="epochs before EPIC's first round (default: a quarter of --epochs)")
     ap.add_argument("--interval", type=int, default=PAPER_INTERVAL, help="epochs between rounds")

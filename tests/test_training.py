@@ -114,7 +114,8 @@ def test_resume_reproduces_an_uninterrupted_run(digits, tmp_path):
     assert no_time(resumed.callbacks[0].rounds) == no_time(straight.callbacks[0].rounds)
 
 
-def test_epic_callback_drops_isolated_mislabelled_examples_far_above_chance(digits):
+@pytest.mark.parametrize("proxy_pass", ["separate", "training"])
+def test_epic_callback_drops_isolated_mislabelled_examples_far_above_chance(digits, proxy_pass):
     train, test = digits
     g = torch.Generator().manual_seed(0)
     bad = torch.randperm(len(train), generator=g)[:20]
@@ -123,7 +124,8 @@ def test_epic_callback_drops_isolated_mislabelled_examples_far_above_chance(digi
     noisy = ImageTensors(train.images, labels, train.classes)
     mask = torch.zeros(len(train), dtype=torch.bool)
     mask[bad] = True
-    defense = create_defense("epic", subset_fraction=0.1, warmup=3, interval=1)
+    defense = create_defense("epic", subset_fraction=0.1, warmup=3, interval=1,
+                             proxy_pass=proxy_pass)
     trainer = Trainer(small_model(), noisy, test=test, poison_mask=mask,
                       config=TrainConfig(epochs=6, **FAST), callbacks=[defense])
     trainer.fit()
@@ -136,6 +138,33 @@ def test_epic_callback_drops_isolated_mislabelled_examples_far_above_chance(digi
     # dropped examples stay dropped: the active set only shrinks
     kept = [r["kept"] for r in rounds]
     assert kept == sorted(kept, reverse=True)
+
+
+def test_training_pass_reuses_the_epochs_logits_and_predicts_only_the_dropped(digits):
+    """proxy_pass='training': the logits of the epoch before a round come from its training
+    steps; the round's own inference covers only the examples not trained on."""
+    train, _ = digits
+    defense = create_defense("epic", subset_fraction=0.3, warmup=1, interval=1, stop=4,
+                             proxy_pass="training")
+    trainer = Trainer(small_model(), train, config=TrainConfig(epochs=5, **FAST),
+                      callbacks=[defense])
+    calls, real = [], trainer.predict
+
+    def counting(indices=None, **kw):
+        calls.append(len(train.labels) if indices is None else len(indices))
+        return real(indices, **kw)
+
+    trainer.predict = counting
+    trainer.fit()
+    rounds = [e for e in trainer.events if e["event"] == "selection"]
+    assert len(rounds) == 3
+    # round 1 (epoch 1) and later: the recorded epoch covered the then-active examples, so
+    # inference ran on the ones dropped before that epoch only (none before round 1)
+    dropped_before = [0] + [len(train) - r["kept"] for r in rounds[:-1]]
+    assert calls == [d for d in dropped_before if d]
+    assert trainer.epoch_logits is None and not trainer.record_logits  # nothing after stop
+    with pytest.raises(EpicError, match="proxy_pass='training'"):
+        create_defense("epic", proxy="last-layer", proxy_pass="training")
 
 
 def test_epic_stops_at_the_last_lr_decay(digits):

@@ -75,6 +75,9 @@ def train(
     cluster_threshold: Annotated[int, typer.Option(help="EPIC: drop clusters this small.")] = 1,
     proxy: Annotated[str, typer.Option(
         help="EPIC gradient proxy: logits or last-layer.")] = "logits",
+    proxy_pass: Annotated[str, typer.Option(
+        help="EPIC: logits from a separate inference pass per round, or from the training "
+             "steps of the epoch before it (training).")] = "separate",
     poisons: Annotated[Path | None, typer.Option(
         help="Poison file (.npz) or poisoning-benchmark folder.")] = None,
     train_size: Annotated[int | None, typer.Option(
@@ -111,7 +114,8 @@ def train(
     options = {}
     if defense == "epic":
         options = {"subset_fraction": subset_fraction, "interval": interval, "warmup": warmup,
-                   "stop": stop, "cluster_threshold": cluster_threshold, "proxy": proxy}
+                   "stop": stop, "cluster_threshold": cluster_threshold, "proxy": proxy,
+                   "proxy_pass": proxy_pass}
     cfg = RunConfig(
         dataset=dataset, data_root=None if data_root is None else str(data_root),
         download=download, stream=stream, image_size=image_size, model=model, width=width,

@@ -15,13 +15,15 @@ from typing import Any
 import torch
 
 from .. import _distributed as dist
+from .._errors import EpicError
 from .._validation import check_choice
 from ..selection import EPIC, SelectionSchedule, gradient_proxy
 from .base import DefenseCallback, drop_record, register_defense
 
-__all__ = ["EpicDefense", "PROXIES"]
+__all__ = ["EpicDefense", "PROXIES", "PROXY_PASSES"]
 
 PROXIES = ("logits", "last-layer")
+PROXY_PASSES = ("separate", "training")
 
 
 @register_defense("epic")
@@ -40,6 +42,12 @@ class EpicDefense(DefenseCallback):
         metric: distance in proxy space, ``"euclidean"`` or ``"cosine"``.
         permanent: dropped examples stay dropped (the paper); ``False`` re-evaluates every
             example at each round.
+        proxy_pass: where the logits come from. ``"separate"`` (default, as the authors do):
+            an extra inference pass over the training set at each round, in eval mode and
+            without augmentation; on a CPU that pass costs most of an epoch. ``"training"``:
+            the logits that the training steps of the epoch just before the round computed
+            anyway (augmented, train mode, weights moving during the epoch), plus an inference
+            pass over the examples not trained on (the dropped ones). Logit proxy only.
         optimizer: facility-location solver, ``"lazy"``, ``"stochastic"`` or ``"auto"``.
         seed: seed of the stochastic solver.
         record_proxies: keep each round's proxies in :attr:`proxies` (for plots; memory).
@@ -50,10 +58,15 @@ class EpicDefense(DefenseCallback):
     def __init__(self, *, subset_fraction: float = 0.1, cluster_threshold: int = 1,
                  warmup: int = 1, interval: int = 1, stop: int | None = None,
                  proxy: str = "logits", metric: str = "euclidean", permanent: bool = True,
-                 optimizer: str = "auto", seed: int = 0, record_proxies: bool = False) -> None:
+                 optimizer: str = "auto", seed: int = 0, record_proxies: bool = False,
+                 proxy_pass: str = "separate") -> None:
         self.epic = EPIC(subset_fraction=subset_fraction, cluster_threshold=cluster_threshold,
                          metric=metric, optimizer=optimizer, seed=seed)
         self.proxy = check_choice("proxy", proxy, PROXIES)
+        self.proxy_pass = check_choice("proxy_pass", proxy_pass, PROXY_PASSES)
+        if self.proxy_pass == "training" and self.proxy != "logits":
+            raise EpicError("proxy_pass='training' reuses the training step's logits and has no "
+                            "features; use proxy='logits' or proxy_pass='separate'")
         self.permanent = permanent
         self._warmup, self._interval, self._stop = warmup, interval, stop
         self.schedule = SelectionSchedule(warmup=warmup, interval=interval, stop=stop)
@@ -70,15 +83,30 @@ class EpicDefense(DefenseCallback):
                                               stop=stop)
 
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
-        if not self.schedule.is_selection_epoch(epoch):
-            return
+        if self.schedule.is_selection_epoch(epoch):
+            self._select(trainer, epoch)
+        if self.proxy_pass == "training" and self.schedule.is_selection_epoch(epoch + 1):
+            trainer.record_logits = True  # this epoch's training logits feed the next round
+
+    def _logits(self, trainer: Any, idx: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The round's logits (and features) of the examples ``idx`` (every example)."""
+        recorded = trainer.epoch_logits if self.proxy_pass == "training" else None
+        if recorded is None or len(recorded) != len(idx):  # e.g. the round right after resume
+            return trainer.predict(idx, features=self.proxy == "last-layer")
+        logits = recorded.clone()
+        missing = (~trainer.epoch_seen).nonzero().squeeze(1)  # not trained on: dropped
+        if len(missing):
+            logits[missing] = trainer.predict(missing.cpu())[0]
+        return logits, None
+
+    def _select(self, trainer: Any, epoch: int) -> None:
         t0 = time.perf_counter()
         # Every round clusters the whole training set, as the authors' code does: the dropped
         # examples still shape the clusters, so the same outliers are found again instead of
         # their neighbours becoming the next isolated points once they are gone.
         pool = torch.ones_like(trainer.active)
         idx = pool.nonzero().squeeze(1)
-        logits, feats = trainer.predict(idx, features=self.proxy == "last-layer")
+        logits, feats = self._logits(trainer, idx)
         labels = trainer.labels.index_select(0, idx.to(trainer.labels.device))
         proxies = gradient_proxy(logits, labels, feats)
         classes = None

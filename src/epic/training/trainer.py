@@ -222,6 +222,12 @@ class Trainer:
         self.epoch = 0  # the next epoch to run
         self.history: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
+        # A callback sets record_logits before an epoch to get, after it, the logits of every
+        # example trained on in that epoch (as computed by its training step: augmented, in
+        # train mode) in epoch_logits, with epoch_seen marking which rows were filled.
+        self.record_logits = False
+        self.epoch_logits: Tensor | None = None
+        self.epoch_seen: Tensor | None = None
 
     @staticmethod
     def _check_split(name: str, split: Any) -> None:
@@ -419,6 +425,9 @@ class Trainer:
         bar = tqdm(batches, total=steps, leave=False,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and self.rank == 0))
+        recording, self.epoch_logits, self.epoch_seen = self.record_logits, None, None
+        rec_idx: list[Tensor] = []
+        rec_logits: list[Tensor] = []
         for step, batch in enumerate(bar):
             part = batch[rank::world]  # this rank's examples of the global batch
             part_dev = part.to(self.device, non_blocking=True)
@@ -450,6 +459,9 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)  # skips the step on inf/nan gradients (fp16)
             self.scaler.update()
+            if recording:
+                rec_idx.append(part_dev)
+                rec_logits.append(logits.detach().float())
             loss_value = float(loss.detach())
             total_loss += loss_value * len(part)
             correct += int((logits.argmax(1) == y).sum())
@@ -457,6 +469,8 @@ class Trainer:
             self._call("on_batch_end", epoch, step, loss_value)
         if streamed is not None:
             next(streamed, None)  # the loader ends its pass (and checks that it is complete)
+        if recording:
+            self._store_epoch_logits(rec_idx, rec_logits)
         if world > 1:
             for buf in self.model.buffers():  # batch-norm statistics: rank 0's everywhere
                 dist.broadcast(buf, 0)
@@ -464,6 +478,21 @@ class Trainer:
                                 device=self.device)
             total_loss, correct, seen = dist.all_reduce_sum(sums).tolist()
         return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
+
+    def _store_epoch_logits(self, idx: list[Tensor], logits: list[Tensor]) -> None:
+        """Scatter the recorded (index, logits) rows of every process into (N, K)."""
+        self.record_logits = False
+        k = logits[0].shape[1] if logits else 0
+        flat_idx = torch.cat(idx) if idx else torch.empty(0, dtype=torch.long,
+                                                          device=self.device)
+        flat = torch.cat(logits) if logits else torch.empty(0, k, device=self.device)
+        flat_idx, flat = dist.all_gather_varlen(flat_idx), dist.all_gather_varlen(flat)
+        n = len(self.labels)
+        out = torch.zeros(n, flat.shape[1], device=self.device)
+        out[flat_idx] = flat  # an example padded in twice: either of its two rows
+        seen = torch.zeros(n, dtype=torch.bool, device=self.device)
+        seen[flat_idx] = True
+        self.epoch_logits, self.epoch_seen = out, seen
 
     def _wrap(self) -> None:
         """Put :attr:`train_module` inside ``DistributedDataParallel`` when distributed."""
