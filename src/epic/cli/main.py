@@ -309,23 +309,9 @@ def bench(config: Annotated[Path, typer.Argument(help="Benchmark config (YAML), 
             raise EpicError(f"--trials must be >= 1, got {trials}")
         cfg.trials = trials
     if attack:
-        known = [a["label"] for a in cfg.attacks]
-        unknown = [a for a in attack if a not in known]
-        if unknown:
-            from .._errors import EpicError
-
-            raise EpicError(f"--attack {unknown[0]!r} is not in the config; its labels are "
-                            f"{known}")
-        cfg.attacks = [a for a in cfg.attacks if a["label"] in attack]
+        cfg.attacks = _only_labels(cfg.attacks, attack, "--attack")
     if defense:
-        known = [d["label"] for d in cfg.defenses]
-        unknown = [d for d in defense if d not in known]
-        if unknown:
-            from .._errors import EpicError
-
-            raise EpicError(f"--defense {unknown[0]!r} is not in the config; its labels are "
-                            f"{known}")
-        cfg.defenses = [d for d in cfg.defenses if d["label"] in defense]
+        cfg.defenses = _only_labels(cfg.defenses, defense, "--defense")
         for d in cfg.defenses:
             if "match" in d and d["match"] not in defense:
                 from .._errors import EpicError
@@ -339,6 +325,18 @@ def bench(config: Annotated[Path, typer.Argument(help="Benchmark config (YAML), 
     result = write_report(target)
     typer.echo(result["markdown"])
     typer.echo(f"{len(rows)} cells in {target}/results.jsonl; report: {result['paths']['report']}")
+
+
+def _only_labels(entries: list[dict[str, Any]], wanted: list[str], option: str
+                 ) -> list[dict[str, Any]]:
+    """The config entries whose label is in ``wanted``; an unknown label is an error."""
+    from .._errors import EpicError
+
+    known = [e["label"] for e in entries]
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise EpicError(f"{option} {unknown[0]!r} is not in the config; its labels are {known}")
+    return [e for e in entries if e["label"] in wanted]
 
 
 @app.command()
