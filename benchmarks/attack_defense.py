@@ -220,10 +220,6 @@ def main() -> None:
     print(f"\nwrote {path}")
 
 
-def _run_one(cfg: RunConfig) -> dict[str, Any]:
-    return run_training(cfg)
-
-
 def run_all(configs: list[RunConfig], jobs: int) -> dict[str, dict[str, Any]]:
     """Each run's summary by its ``out``: read when it exists (cached), else trained, ``jobs``
     at a time in worker processes (a run is seeded, so it does not depend on which)."""
@@ -237,7 +233,7 @@ def run_all(configs: list[RunConfig], jobs: int) -> dict[str, dict[str, Any]]:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-            for cfg, _ in zip(todo, pool.map(_run_one, todo), strict=True):
+            for cfg, _ in zip(todo, pool.map(run_training, todo), strict=True):
                 print(f"finished {cfg.out}", flush=True)
     else:
         for cfg in todo:

@@ -91,7 +91,7 @@ class EpicDefense(DefenseCallback):
     def _logits(self, trainer: Any, idx: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """The round's logits (and features) of the examples ``idx`` (every example)."""
         recorded = trainer.epoch_logits if self.proxy_pass == "training" else None
-        if recorded is None or len(recorded) != len(idx):  # e.g. the round right after resume
+        if recorded is None:  # e.g. the round right after a resume: nothing recorded
             return trainer.predict(idx, features=self.proxy == "last-layer")
         logits = recorded.clone()
         missing = (~trainer.epoch_seen).nonzero().squeeze(1)  # not trained on: dropped
