@@ -4,9 +4,10 @@
     python benchmarks/train_throughput.py --epochs 4       # a shorter run
     python benchmarks/train_throughput.py --dataset mnist  # $EPIC_SHARED_DATA/mnist instead
     python benchmarks/train_throughput.py --quick          # 256 images, 4 epochs: a smoke run
+    python benchmarks/train_throughput.py --device cuda --amp --model resnet18 --synthetic
     [--model convnet] [--width W] [--train-size N] [--device cpu] [--amp] [--amp-dtype D]
-    [--repeats 1]
-    [--data-root DIR] [--out PATH]
+    [--no-channels-last] [--repeats 1]
+    [--data-root DIR] [--synthetic] [--out PATH]
 
 Both runs train the same model from the same seed with the library's ``Trainer`` and the paper's
 recipe (SGD with Nesterov momentum, lr 0.1, weight decay 5e-4, batch 128, lr / 10 at 3/8, 5/8
@@ -14,7 +15,12 @@ and 7/8 of the epochs, the dataset's augmentation): once undefended (``none``) a
 EPIC-0.1 on the paper's 40-epoch schedule scaled to ``--epochs``: a warm-up of a quarter of the
 epochs (10 of 40), then a round every 2 epochs (T = 2) until the last learning-rate decay.
 CIFAR-10 is read from ``$EPIC_CACHE/cifar10`` (default ``.cache/cifar10``), MNIST from
-``$EPIC_SHARED_DATA/mnist`` (default ``../shared/data``).
+``$EPIC_SHARED_DATA/mnist`` (default ``../shared/data``); ``--synthetic`` reads no files and
+trains on seeded random uint8 images of the dataset's shape and number of classes instead
+(``--train-size`` of them, and ``--test-size``, default 1,000, for the test split): the
+throughput is that of the real data, the accuracy is chance. On CUDA the trainer uses
+channels-last memory (``--no-channels-last`` turns it off) and, with ``--amp``, bf16 autocast
+(``--amp-dtype float16`` for fp16 with loss scaling).
 
 Reported per run: training images processed (kept examples summed over epochs), training seconds
 (epochs minus selection), images/s = images / training seconds, the wall seconds of the whole
@@ -40,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, print_table, save  # noqa: E402
-from epic.data import dataset_info, load_split  # noqa: E402
+from epic.data import ImageTensors, dataset_info, load_split  # noqa: E402
 from epic.defenses import create_defense  # noqa: E402
 from epic.evaluation.bench import default_data_root  # noqa: E402
 from epic.models import create_model  # noqa: E402
@@ -52,6 +58,9 @@ PAPER_EPOCHS, PAPER_WARMUP, PAPER_INTERVAL = 40, 10, 2
 
 def load_data(args: argparse.Namespace):
     """The seeded training subset and the (optionally truncated) test split."""
+    if args.synthetic:
+        return synthetic_split(args, args.train_size, 0), synthetic_split(
+            args, args.test_size or 1_000, 1)
     root = args.data_root or default_data_root(args.dataset)
     train = load_split(args.dataset, root, train=True)
     test = load_split(args.dataset, root, train=False)
@@ -62,6 +71,17 @@ def load_data(args: argparse.Namespace):
         pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))
         test = test.subset(pick[: args.test_size].sort().values)
     return train, test
+
+
+def synthetic_split(args: argparse.Namespace, n: int, offset: int) -> ImageTensors:
+    """``n`` seeded random uint8 images shaped like ``--dataset``'s, with balanced labels."""
+    info = dataset_info(args.dataset)
+    g = torch.Generator().manual_seed(args.seed * 2 + offset)
+    images = torch.randint(0, 256, (n, info.channels, info.image_size, info.image_size),
+                           dtype=torch.uint8, generator=g)
+    labels = torch.arange(n) % info.num_classes
+    labels = labels[torch.randperm(n, generator=g)]
+    return ImageTensors(images, labels, [f"class{k}" for k in range(info.num_classes)])
 
 
 def build_model(args: argparse.Namespace, train) -> torch.nn.Module:
@@ -79,7 +99,8 @@ def build_model(args: argparse.Namespace, train) -> torch.nn.Module:
 
 def train_config(args: argparse.Namespace, epochs: int) -> TrainConfig:
     return TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                       device=args.device, amp=args.amp, amp_dtype=args.amp_dtype, progress=False,
+                       device=args.device, amp=args.amp, amp_dtype=args.amp_dtype,
+                       channels_last=args.channels_last, progress=False,
                        eval_every=0,
                        eval_batch_size=args.eval_batch_size,
                        augment=dataset_info(args.dataset).augmentation)
@@ -187,6 +208,10 @@ def main() -> None:
     ap.add_argument("--amp", action="store_true", help="mixed-precision autocast (CUDA only)")
     ap.add_argument("--amp-dtype", choices=["bfloat16", "float16"], default="bfloat16",
                     help="autocast dtype with --amp (float16 adds loss scaling)")
+    ap.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                    help="keep the default (N, C, H, W) memory format on CUDA")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="seeded random images shaped like --dataset's (no files read)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="256 images, 4 epochs (smoke run)")
@@ -227,7 +252,8 @@ def main() -> None:
                      last["rounds"], last["dropped"], f"{res['wall_seconds']:.1f}",
                      f"{res['end_to_end_images_per_second']:.0f}", f"{res['test_acc']:.4f}"])
     device = runs["none"][0]["device"]
-    print(f"\n{args.model} on {len(train):,} {args.dataset} images, {args.epochs} epochs, "
+    print(f"\n{args.model} on {len(train):,} {'synthetic ' if args.synthetic else ''}"
+          f"{args.dataset} images, {args.epochs} epochs, "
           f"{device}, {torch.get_num_threads()} thread(s), EPIC-{args.fraction} "
           f"{schedule(args)}, mean of {args.repeats}")
     print_table(["defense", "images", "train s", "images/s", "selection s", "rounds", "dropped",
