@@ -1,0 +1,109 @@
+"""benchmarks/gpu_check.sh and the scripts it runs, on the CPU: the no-GPU exit, the whole
+script at toy sizes (GPU_CHECK_SMOKE=1), one selection round, synthetic training data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+NO_GPU = "gpu_check: no GPU found (torch.cuda.is_available() is False); nothing to check"
+STEPS = ("pytest_cuda", "train_throughput", "selection_round", "torchrun")
+
+
+def run_check(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
+           "OUT": str(tmp_path), **env}
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    return proc, json.loads((tmp_path / "gpu_check.json").read_text())
+
+
+def test_script_parses():
+    proc = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_a_gpu_says_so_and_exits_0(tmp_path):
+    proc, data = run_check(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert NO_GPU in proc.stdout.splitlines()
+    assert data["cuda"] is False and data["ok"] is True and data["smoke"] is False
+    assert data["torch"] == torch.__version__ and data["gpu"] is None
+    assert data["steps"]["probe"]["status"] == "ok"
+    for step in STEPS:
+        assert data["steps"][step] == {"status": "skipped", "rc": None, "seconds": 0.0,
+                                       "limit_seconds": 0, "note": "no GPU"}
+
+
+@pytest.mark.slow
+def test_every_step_at_toy_sizes_on_cpu(tmp_path):
+    proc, data = run_check(tmp_path, GPU_CHECK_SMOKE="1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = data["steps"]
+    assert data["smoke"] is True and data["ok"] is True
+    assert {k: s["status"] for k, s in steps.items()} == dict.fromkeys(("probe", *STEPS), "ok")
+    assert all((tmp_path / s["log"]).is_file() for s in steps.values())
+    tests = steps["pytest_cuda"]
+    assert tests["tests"] > 0 and tests["failures"] == tests["errors"] == 0
+    tt = steps["train_throughput"]
+    assert tt["config"]["synthetic"] is True and tt["config"]["resolved_device"] == "cpu"
+    assert tt["none"]["images_per_second"] > 0 and tt["epic_rounds"] >= 1
+    assert [r["optimizer"] for r in steps["selection_round"]["rounds"]] == ["stochastic", "lazy"]
+    assert steps["torchrun"]["summary"]["defense_summary"]["rounds"] >= 1
+
+
+def test_gpu_selection_round_on_cpu(tmp_path):
+    out = tmp_path / "round.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_selection_round.py"),
+                           "--device", "cpu", "--n", "400", "--num-classes", "4",
+                           "--optimizer", "lazy", "stochastic", "--out", str(out)],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "gpu_selection_round"
+    assert data["config"]["resolved_device"] == "cpu"
+    assert data["proxies"]["n"] == 400 and data["proxies"]["dim"] == 4
+    assert [r["optimizer"] for r in data["results"]] == ["lazy", "stochastic"]
+    for r in data["results"]:
+        assert r["mean_seconds"] > 0 and r["medoids"] == 40 and 0 <= r["dropped"] <= 40
+        assert r["result_device"] == "cpu" and "peak_gpu_mib" not in r
+
+
+def test_device_proxies_are_softmax_minus_onehot():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from gpu_selection_round import device_proxies
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    proxies, labels = device_proxies(300, 5, device=torch.device("cpu"), seed=0)
+    assert proxies.shape == (300, 5) and torch.equal(labels, torch.arange(300) % 5)
+    assert torch.allclose(proxies.sum(1), torch.zeros(300), atol=1e-5)  # softmax - onehot
+    assert (proxies[torch.arange(300), labels] <= 0).all()
+    again, _ = device_proxies(300, 5, device=torch.device("cpu"), seed=0)
+    assert torch.equal(proxies, again)
+    projected, _ = device_proxies(300, 5, device=torch.device("cpu"), seed=0, dim=3)
+    assert projected.shape == (300, 3)
+
+
+def test_train_throughput_on_synthetic_images(tmp_path):
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"),
+                           "--synthetic", "--quick", "--train-size", "128", "--out", str(out)],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["config"]["synthetic"] is True and data["config"]["channels_last"] is True
+    none, epic = data["results"]["none"], data["results"]["epic"]
+    assert none["images"] == 4 * 128 and epic["runs"][0]["rounds"] >= 1
+    assert 0 <= none["test_acc"] <= 1
