@@ -153,8 +153,10 @@ def test_cluster_threshold_controls_what_counts_as_isolated():
     y = torch.cat([y, y[iso]])
     assert EPIC(subset_fraction=0.1, cluster_threshold=1).select(x, y).num_dropped == 0
     res = EPIC(subset_fraction=0.1, cluster_threshold=2).select(x, y)
-    assert res.num_dropped == len(iso)  # one medoid per pair; its twin joins its cluster
-    assert (res.keep.view(-1)[iso] ^ res.keep[-len(iso):]).all()
+    # one medoid per pair, its twin joins its cluster, and the whole small cluster goes
+    assert res.num_dropped == 2 * len(iso)
+    assert not res.keep[iso].any() and not res.keep[-len(iso):].any()
+    assert not torch.isin(res.dropped, res.medoids).all()  # members, not only medoids
 
 
 def test_gradient_proxy_is_softmax_minus_onehot_and_its_gradient():
@@ -227,12 +229,15 @@ def test_mismatched_proxy_features_are_rejected():
         facility_location(torch.randn(3, 2), 4)
 
 
-def test_schedule_warmup_interval_and_stop():
-    s = SelectionSchedule(warmup=2, interval=3, stop=10)
-    assert s.epochs(20) == [2, 5, 8]
+def test_schedule_is_the_authors_rule():
+    # rounds at e % T == 0, e >= K, up to and including the last decay epoch
+    s = SelectionSchedule(warmup=2, interval=3, until=9)
+    assert s.epochs(20) == [3, 6, 9]
+    assert SelectionSchedule(warmup=1, interval=5, until=35).epochs(40) == [5, 10, 15, 20, 25,
+                                                                          30, 35]
     assert SelectionSchedule(warmup=0, interval=1).epochs(3) == [0, 1, 2]
-    with pytest.raises(EpicError, match="stop epoch"):
-        SelectionSchedule(warmup=5, stop=5)
+    assert SelectionSchedule(warmup=10, interval=10).epochs(40) == [10, 20, 30]  # no decay
+    assert SelectionSchedule(warmup=5, interval=1, until=4).epochs(40) == []  # decay first
     with pytest.raises(EpicError, match="interval"):
         SelectionSchedule(interval=0)
 

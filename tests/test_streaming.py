@@ -228,12 +228,12 @@ def test_epic_on_a_stream_and_resume_after_an_interruption(splits, tmp_path):
     train, _, memory, _ = splits
     cfg = TrainConfig(epochs=4, **FAST)
     straight = Trainer(tiny_model(), train, config=cfg,
-                       callbacks=[EpicDefense(warmup=1, interval=1, stop=4,
+                       callbacks=[EpicDefense(warmup=1, interval=1, until=3,
                                               subset_fraction=0.5)],
                        out_dir=tmp_path / "a")
     straight.fit()
     held = Trainer(tiny_model(), memory, config=cfg,
-                   callbacks=[EpicDefense(warmup=1, interval=1, stop=4,
+                   callbacks=[EpicDefense(warmup=1, interval=1, until=3,
                                               subset_fraction=0.5)])
     held.fit()
     rounds = straight.callbacks[0].rounds
@@ -242,13 +242,13 @@ def test_epic_on_a_stream_and_resume_after_an_interruption(splits, tmp_path):
     assert_same_weights(straight.model, held.model)
 
     first = Trainer(tiny_model(), train, config=cfg,
-                    callbacks=[EpicDefense(warmup=1, interval=1, stop=4, subset_fraction=0.5),
+                    callbacks=[EpicDefense(warmup=1, interval=1, until=3, subset_fraction=0.5),
                                Interrupt()], out_dir=tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
         first.fit()
     first.close()
     resumed = Trainer(tiny_model(99), train, config=cfg,
-                      callbacks=[EpicDefense(warmup=1, interval=1, stop=4, subset_fraction=0.5),
+                      callbacks=[EpicDefense(warmup=1, interval=1, until=3, subset_fraction=0.5),
                                  Callback()], out_dir=tmp_path / "b")
     resumed.fit()
     assert resumed.epoch == 4 and torch.equal(resumed.active, straight.active)

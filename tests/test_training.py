@@ -144,7 +144,7 @@ def test_training_pass_reuses_the_epochs_logits_and_predicts_only_the_dropped(di
     """proxy_pass='training': the logits of the epoch before a round come from its training
     steps; the round's own inference covers only the examples not trained on."""
     train, _ = digits
-    defense = create_defense("epic", subset_fraction=0.3, warmup=1, interval=1, stop=4,
+    defense = create_defense("epic", subset_fraction=0.3, warmup=1, interval=1, until=3,
                              proxy_pass="training")
     trainer = Trainer(small_model(), train, config=TrainConfig(epochs=5, **FAST),
                       callbacks=[defense])
@@ -167,12 +167,40 @@ def test_training_pass_reuses_the_epochs_logits_and_predicts_only_the_dropped(di
         create_defense("epic", proxy="last-layer", proxy_pass="training")
 
 
-def test_epic_stops_at_the_last_lr_decay(digits):
-    defense = EpicDefense(warmup=1, interval=1)
+def test_epic_runs_up_to_and_including_the_last_lr_decay(digits):
+    defense = EpicDefense(warmup=1, interval=2)
     trainer = Trainer(small_model(), digits[0], config=TrainConfig(epochs=8, **FAST),
                       callbacks=[defense])
     trainer.fit()
-    assert [r["epoch"] - 1 for r in defense.rounds] == [1, 2, 3, 4, 5, 6]  # stop = 7 (7/8 * 8)
+    # decays at 3, 5, 7 (3/8, 5/8, 7/8 of 8): rounds at even epochs >= 1, up to 7 included
+    assert [r["epoch"] - 1 for r in defense.rounds] == [2, 4, 6]
+    defense = EpicDefense(warmup=1, interval=1)
+    Trainer(small_model(), digits[0], config=TrainConfig(epochs=8, **FAST),
+            callbacks=[defense]).fit()
+    assert [r["epoch"] - 1 for r in defense.rounds] == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_epic_without_decay_runs_to_the_end_and_a_late_warmup_means_no_round(digits):
+    flat = {**FAST, "milestones": ()}
+    defense = EpicDefense(warmup=2, interval=2)
+    Trainer(small_model(), digits[0], config=TrainConfig(epochs=7, **flat),
+            callbacks=[defense]).fit()
+    assert [r["epoch"] - 1 for r in defense.rounds] == [2, 4, 6]
+    late = EpicDefense(warmup=6, interval=1)  # the last decay (epoch 5) comes first
+    trainer = Trainer(small_model(), digits[0], config=TrainConfig(epochs=8, **{
+        **FAST, "milestones": (0.25, 0.625)}), callbacks=[late])
+    trainer.fit()
+    assert late.rounds == [] and bool(trainer.active.all())
+
+
+def test_dropped_this_round_counts_only_new_drops(digits):
+    defense = EpicDefense(warmup=1, interval=1, subset_fraction=0.3)
+    Trainer(small_model(), digits[0], config=TrainConfig(epochs=6, **FAST),
+            callbacks=[defense]).fit()
+    totals = [r["dropped_total"] for r in defense.rounds]
+    news = [r["dropped_this_round"] for r in defense.rounds]
+    assert news == [totals[0]] + [b - a for a, b in zip(totals, totals[1:], strict=False)]
+    assert any(r["flagged"] > r["dropped_this_round"] for r in defense.rounds[1:])
 
 
 def test_last_layer_proxy_runs_through_the_trainer(digits):

@@ -33,10 +33,11 @@ class EpicDefense(DefenseCallback):
     Args:
         subset_fraction: medoid budget per class (0.1, 0.2, 0.3 in the paper).
         cluster_threshold: medoids with at most this many examples in their cluster drop.
-        warmup: epochs before the first round (K).
-        interval: epochs between rounds (T).
-        stop: no round from this epoch on; ``None`` uses the trainer's last learning-rate
-            decay (the paper's rule), or never stops if the schedule has no decay.
+        warmup: no round before this epoch (K).
+        interval: rounds at the epochs divisible by it (T).
+        until: the last epoch at which a round may run (inclusive); ``None`` uses the
+            trainer's last learning-rate decay (the paper's rule), or runs to the end if the
+            schedule has no decay. See :class:`~epic.selection.SelectionSchedule`.
         proxy: ``"logits"`` (softmax minus one-hot) or ``"last-layer"`` (that combined with
             the penultimate features: the full last-layer gradient, kept factored).
         metric: distance in proxy space, ``"euclidean"`` or ``"cosine"``.
@@ -56,7 +57,7 @@ class EpicDefense(DefenseCallback):
     name = "epic"
 
     def __init__(self, *, subset_fraction: float = 0.1, cluster_threshold: int = 1,
-                 warmup: int = 1, interval: int = 1, stop: int | None = None,
+                 warmup: int = 1, interval: int = 1, until: int | None = None,
                  proxy: str = "logits", metric: str = "euclidean", permanent: bool = True,
                  optimizer: str = "auto", seed: int = 0, record_proxies: bool = False,
                  proxy_pass: str = "separate") -> None:
@@ -68,19 +69,18 @@ class EpicDefense(DefenseCallback):
             raise EpicError("proxy_pass='training' reuses the training step's logits and has no "
                             "features; use proxy='logits' or proxy_pass='separate'")
         self.permanent = permanent
-        self._warmup, self._interval, self._stop = warmup, interval, stop
-        self.schedule = SelectionSchedule(warmup=warmup, interval=interval, stop=stop)
+        self._warmup, self._interval, self._until = warmup, interval, until
+        self.schedule = SelectionSchedule(warmup=warmup, interval=interval, until=until)
         self.rounds: list[dict[str, Any]] = []
         self.record_proxies = record_proxies
         self.proxies: list[dict[str, torch.Tensor]] = []
         self.dropped = torch.empty(0, dtype=torch.long)
 
     def on_train_start(self, trainer: Any) -> None:
-        if self._stop is None:
+        if self._until is None:
             decays = trainer.config.milestone_epochs()
-            stop = decays[-1] if decays and decays[-1] > self._warmup else None
             self.schedule = SelectionSchedule(warmup=self._warmup, interval=self._interval,
-                                              stop=stop)
+                                              until=decays[-1] if decays else None)
 
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
         if self.schedule.is_selection_epoch(epoch):
@@ -92,11 +92,11 @@ class EpicDefense(DefenseCallback):
         """The round's logits (and features) of the examples ``idx`` (every example)."""
         recorded = trainer.epoch_logits if self.proxy_pass == "training" else None
         if recorded is None:  # e.g. the round right after a resume: nothing recorded
-            return trainer.predict(idx, features=self.proxy == "last-layer")
+            return trainer.predict(idx, features=self.proxy == "last-layer", amp=False)
         logits = recorded.clone()
         missing = (~trainer.epoch_seen).nonzero().squeeze(1)  # not trained on: dropped
         if len(missing):
-            logits[missing] = trainer.predict(missing.cpu())[0]
+            logits[missing] = trainer.predict(missing.cpu(), amp=False)[0]
         return logits, None
 
     def _select(self, trainer: Any, epoch: int) -> None:
@@ -125,11 +125,13 @@ class EpicDefense(DefenseCallback):
         keep[idx[selected]] = True
         if self.permanent:
             keep &= trainer.active
+        before = trainer.active
         trainer.set_active(keep)  # distributed: rank 0's mask, broadcast to every rank
         keep = trainer.active
         self.dropped = (~keep).nonzero().squeeze(1)
         record = drop_record(trainer, keep, epoch=epoch + 1, pool=len(idx), medoids=medoids,
-                             dropped_this_round=int(dropped.numel()))
+                             flagged=int(dropped.numel()),
+                             dropped_this_round=int((before & ~keep).sum()))
         record["seconds"] = time.perf_counter() - t0
         self.rounds.append(record)
         trainer.log_event("selection", **record)

@@ -13,6 +13,7 @@ Config keys (see ``configs/*.yaml``)::
     train_slice: "0:10000"    # the victim's training images
     trials: 5                 # targets per attack and seed
     seeds: [0]
+    replicates: 3             # undefended victims per target, each with its own seed
     surrogate: {model: convnet, epochs: 6, train_slice: "0:10000", lr: 0.05}  # or {checkpoint: F}
     victim: {model: convnet, epochs: 6, lr: 0.05}       # or victims: [{label: ..., ...}, ...]
     attacks: [{name: gradient-matching, budget: 0.01, eps: 16, options: {steps: 250}}]
@@ -75,6 +76,7 @@ class BenchConfig:
     train_slice: str | None = None
     trials: int = 5
     seeds: list[int] = field(default_factory=lambda: [0])
+    replicates: int = 1
     out: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,22 +85,32 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class Cell:
-    """One training run of the grid."""
+    """One training run of the grid; ``replicate`` > 0 for the undefended victim's extra
+    seeds (is a hit robust to the victim's training run?)."""
 
     attack: str
     victim: str
     defense: str
     seed: int
     trial: int
+    replicate: int = 0
 
     @property
     def key(self) -> str:
-        return f"{self.attack}/{self.victim}/{self.defense}/seed{self.seed}/trial{self.trial:03d}"
+        key = f"{self.attack}/{self.victim}/{self.defense}/seed{self.seed}/trial{self.trial:03d}"
+        return key + (f"/rep{self.replicate}" if self.replicate else "")
+
+    @property
+    def train_seed(self) -> int:
+        """The victim's training seed: never the surrogate's (``seed``), distinct per trial
+        and replicate."""
+        return 1000 * (self.seed + 1) + 10 * self.trial + self.replicate
 
 
-_TOP_KEYS = {"name", "dataset", "data_root", "train_slice", "trials", "seeds", "surrogate",
-             "victim", "victims", "attacks", "defenses", "out"}
-_ATTACK_KEYS = {"name", "label", "budget", "eps", "num_poisons", "poison_class", "options"}
+_TOP_KEYS = {"name", "dataset", "data_root", "train_slice", "trials", "seeds", "replicates",
+             "surrogate", "victim", "victims", "attacks", "defenses", "out"}
+_ATTACK_KEYS = {"name", "label", "budget", "eps", "num_poisons", "poison_class", "options",
+                "defense_options"}
 _DEFENSE_KEYS = {"name", "label", "options", "match"}
 _SURROGATE_KEYS = {"checkpoint", "model", "width", "epochs", "train_slice", "lr", "batch_size",
                    "seed"}
@@ -193,13 +205,18 @@ def load_bench_config(source: str | Path | dict[str, Any]) -> BenchConfig:
     trials = raw.get("trials", 5)
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise EpicError(f"trials must be an integer >= 1, got {trials!r}")
+    replicates = raw.get("replicates", 1)
+    if isinstance(replicates, bool) or not isinstance(replicates, int) \
+            or not 1 <= replicates <= 10:
+        raise EpicError(f"replicates must be an integer from 1 to 10, got {replicates!r}")
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(
             isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise EpicError(f"seeds must be a non-empty list of integers, got {seeds!r}")
     return BenchConfig(name=str(raw.get("name", "bench")), dataset=raw["dataset"],
                        data_root=raw.get("data_root"), train_slice=raw.get("train_slice"),
-                       trials=trials, seeds=seeds, surrogate=surrogate, victims=victims,
+                       trials=trials, seeds=seeds, replicates=replicates,
+                       surrogate=surrogate, victims=victims,
                        attacks=attacks, defenses=defenses, out=raw.get("out"))
 
 
@@ -245,13 +262,15 @@ def _surrogate(cfg: BenchConfig, out: Path, root: str | None, seed: int) -> str:
     return str(path)
 
 
-def _victim_run(cfg: BenchConfig, victim: dict[str, Any], defense: dict[str, Any],
-                options: dict[str, Any], poisons: str, surrogate: str, root: str | None,
-                seed: int, out: Path) -> RunConfig:
+def _victim_run(cfg: BenchConfig, victim: dict[str, Any], attack: dict[str, Any],
+                defense: dict[str, Any], options: dict[str, Any], poisons: str, surrogate: str,
+                root: str | None, seed: int, out: Path) -> RunConfig:
     train = {k: victim[k] for k in TRAIN_KEYS if k in victim}
     train.update(seed=seed, progress=False)
     scenario = train.get("scenario", "scratch")
-    extra = victim.get("defense_options", {}).get(defense["name"], {})
+    # per-victim, then per-attack options of this defense (e.g. the authors' EPIC schedule)
+    extra = {**victim.get("defense_options", {}).get(defense["name"], {}),
+             **attack.get("defense_options", {}).get(defense["name"], {})}
     return RunConfig(dataset=cfg.dataset, data_root=root, model=victim.get("model", "convnet"),
                      width=victim.get("width"), defense=defense["name"], poisons=poisons,
                      train_slice=cfg.train_slice,
@@ -275,9 +294,10 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
     test = load_split(cfg.dataset, root, train=False)
     env = _environment()
 
-    cells = [Cell(a["label"], v["label"], d["label"], s, t) for s in cfg.seeds
+    cells = [Cell(a["label"], v["label"], d["label"], s, t, r) for s in cfg.seeds
              for a in cfg.attacks for t in range(cfg.trials) for v in cfg.victims
-             for d in cfg.defenses]
+             for d in cfg.defenses
+             for r in range(cfg.replicates if d["name"] == "none" else 1)]
     todo = [c for c in cells if c.key not in done]
     by_label = {d["label"]: d for d in cfg.defenses}
     attacks = {a["label"]: a for a in cfg.attacks}
@@ -306,13 +326,14 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
             options["count"] = matched["summary"]["poisons_dropped"] + \
                 matched["summary"]["clean_dropped"]
         run_dir = out / "runs" / cell.key
-        run_cfg = _victim_run(cfg, victims[cell.victim], defense, options, trial["file"],
-                              _surrogate(cfg, out, root, cell.seed), root,
-                              cell.seed * 1000 + cell.trial, run_dir)
+        run_cfg = _victim_run(cfg, victims[cell.victim], attack, defense, options,
+                              trial["file"], _surrogate(cfg, out, root, cell.seed), root,
+                              cell.train_seed, run_dir)
         summary = run_training(run_cfg)
         rounds = [e for e in _events(run_dir) if e.get("event") in ("selection", "filter")]
         rows.append({"cell": cell.key, **cell.__dict__, "attack_name": attack["name"],
-                     "defense_name": defense["name"], "target_index": trial["target_index"],
+                     "defense_name": defense["name"], "match": defense.get("match"),
+                     "target_index": trial["target_index"],
                      "adv_label": trial["adv_label"], "summary": summary, "rounds": rounds,
                      "config": {**run_cfg.to_dict(), "attack": attack},
                      "seeds": {"bench": cell.seed, "train": run_cfg.train["seed"],

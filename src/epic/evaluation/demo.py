@@ -47,10 +47,10 @@ class DemoConfig:
     lr: float = 1.0
     weight_decay: float = 0.0
     subset_fraction: float = 0.1
-    # Selection every epoch after one warm-up epoch until the last learning-rate decay (the
-    # paper's rule; T=1 in transfer). An int stops earlier: 10 is the authors' transfer
-    # script (epochs 1-9), which stopped fewer attacks in `configs/cpu-digits.yaml`.
-    epic_stop: int | None = None
+    # Selection every epoch from epoch 1 up to and including the last learning-rate decay (the
+    # paper's rule; T=1 in transfer). An int ends earlier: 9 is the authors' transfer script
+    # (epochs 1-9), which stopped fewer attacks in `configs/cpu-digits.yaml`.
+    epic_until: int | None = None
     seed: int = 0
     progress: bool = True
     # Intra-op threads while the demo runs (restored after). The models are tiny, so one thread
@@ -94,8 +94,8 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
         for defense in ("none", "epic"):
             options = ({"subset_fraction": cfg.subset_fraction, "warmup": 1, "interval": 1,
                         "record_proxies": first_round is None} if defense == "epic" else {})
-            if defense == "epic" and cfg.epic_stop is not None:
-                options["stop"] = cfg.epic_stop
+            if defense == "epic" and cfg.epic_until is not None:
+                options["until"] = cfg.epic_until
             run_cfg = RunConfig(dataset="digits", checkpoint=str(surrogate), defense=defense,
                                 poisons=trial["file"], defense_options=options,
                                 out=str(out / f"trial-{trial['trial']:03d}-{defense}"),
@@ -140,8 +140,8 @@ def _print_table(rows: list[dict[str, Any]], totals: dict[str, Any], cfg: DemoCo
           f"transfer learning on digits (linear head: {cfg.epochs} epochs, lr {cfg.lr:g}, "
           f"weight decay {cfg.weight_decay:g}); EPIC-{cfg.subset_fraction:g}, selection every "
           f"epoch from epoch 1 until "
-          + ("the last learning-rate decay" if cfg.epic_stop is None
-             else f"epoch {cfg.epic_stop - 1}"))
+          + ("the last learning-rate decay" if cfg.epic_until is None
+             else f"epoch {cfg.epic_until}"))
     print(f"{'target':>6} {'class':>9} | {'undefended':>10} {'acc':>6} | {'EPIC':>9} {'acc':>6} "
           f"{'poisons dropped':>16} {'clean dropped':>14}")
     for r in rows:

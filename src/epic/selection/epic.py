@@ -3,8 +3,8 @@
 Yang, Liu and Mirzasoleiman, "Not All Poisons are Created Equal: Robust Training against Data
 Poisoning", ICML 2022. Effective poisons pull their gradients away from the clean examples of
 their class; a facility-location coreset of the class then spends a medoid on each of them, and
-nothing else is close enough to join its cluster. Medoids whose cluster holds no more than
-``cluster_threshold`` examples are the ones dropped.
+nothing else is close enough to join its cluster. Clusters of no more than
+``cluster_threshold`` examples are dropped, every member.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ class EPIC:
     Args:
         subset_fraction: medoid budget of each class as a fraction of its size, in (0, 1]
             (EPIC-0.1/0.2/0.3 in the paper). Each class gets ``max(1, round(f * n_c))``.
-        cluster_threshold: medoids whose cluster has at most this many examples are dropped
-            (default 1: singletons, the paper's choice).
+        cluster_threshold: clusters of at most this many examples are dropped, every member
+            (default 1: singleton medoids, the paper's choice).
         metric: ``"euclidean"`` (the paper's) or ``"cosine"``.
         optimizer: ``"lazy"`` exact greedy, ``"stochastic"`` greedy, or ``"auto"``.
         memory_mb: bound on the distance block held in memory at once.
@@ -136,9 +136,13 @@ class EPIC:
         empty = torch.empty(0, dtype=torch.long, device=device)
         medoids_t = torch.cat(medoids) if medoids else empty
         sizes_t = torch.cat(sizes) if sizes else empty
-        dropped = medoids_t[sizes_t <= self.cluster_threshold].sort().values
-        keep = torch.ones(n, dtype=torch.bool, device=device)
-        keep[dropped] = False
+        # Every member of a small cluster goes (the authors' rule): with the paper's threshold
+        # of 1 that is the singleton medoid itself.
+        small = medoids_t[sizes_t <= self.cluster_threshold]
+        in_small = torch.zeros(n, dtype=torch.bool, device=device)
+        in_small[small] = True
+        keep = ~in_small[assignment]
+        dropped = (~keep).nonzero().squeeze(1)
         return SelectionResult(keep, dropped, medoids_t, sizes_t, assignment)
 
 

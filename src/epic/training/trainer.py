@@ -328,7 +328,8 @@ class Trainer:
     # -------------------------------------------------------------------------- inference
     @torch.no_grad()
     def predict(self, indices: Tensor | None = None, *, images: Tensor | None = None,
-                features: bool = False, layer: str | None = None) -> tuple[Tensor, Tensor | None]:
+                features: bool = False, layer: str | None = None,
+                amp: bool = True) -> tuple[Tensor, Tensor | None]:
         """Logits (and penultimate features) in eval mode, without augmentation.
 
         Args:
@@ -336,6 +337,8 @@ class Trainer:
             images: uint8 (N, C, H, W) images to predict instead of training examples.
             features: also return the input of the final linear layer.
             layer: name of that layer if it is not the last ``nn.Linear``.
+            amp: run under the training's autocast (when on); ``False`` computes in float32,
+                as gradient proxies need (bf16 logits round away small differences).
 
         Returns:
             ``(logits, features)`` as float32 tensors on the trainer's device; features is
@@ -353,10 +356,10 @@ class Trainer:
                 return self.head(feats).float(), (feats if features else None)
         else:
             idx, source = torch.arange(len(images)), images.to(self.device)
-        return self._predict(source, idx, features=features, layer=layer, key="predict")
+        return self._predict(source, idx, features=features, layer=layer, key="predict", amp=amp)
 
     def _predict(self, source: Any, idx: Tensor, *, features: bool, layer: str | None,
-                 key: str) -> tuple[Tensor, Tensor | None]:
+                 key: str, amp: bool = True) -> tuple[Tensor, Tensor | None]:
         """:meth:`predict` of ``source`` (images on the device, or a streamed split) at
         ``idx``; ``key`` names the DataLoader that streams it."""
         batches = list(self._batches(idx, self.config.eval_batch_size))
@@ -375,7 +378,7 @@ class Trainer:
                     else contextlib.nullcontext() as cap:
                 for pixels in inputs:
                     x = self._to_input(pixels)
-                    with self._autocast():
+                    with self._autocast() if amp else contextlib.nullcontext():
                         logits.append(self.model(x).float())
                     if features:
                         feats.append(cap.features.float())
