@@ -62,6 +62,9 @@ def test_list_reads_the_registries(capsys):
     (["train", "--amp", "fp8"], "unknown value 'fp8' for --amp"),
     (["train", "--device", "cuda:0"] if not torch.cuda.is_available() else
      ["train", "--device", "tpu"], "device"),
+    (["train", "--defense", "deep-knn", "--subset-fraction", "0.2"],
+     "--subset-fraction is an EPIC option"),
+    (["train", "--defense", "deep-knn", "--option", "k"], "KEY=VALUE"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     code, out = run_cli(*args, "--out", str(tmp_path / "run"))
@@ -122,3 +125,28 @@ def test_unknown_training_option_names_the_key(tmp_path):
 
     with pytest.raises(EpicError, match="unknown training option"):
         run_training(RunConfig(out=str(tmp_path), train={"epochz": 3}))
+
+
+def test_a_benchmark_folder_without_eps_asks_for_the_flag_that_exists(tmp_path, poison_file):
+    folder = PoisonSet.load(poison_file)
+    folder = PoisonSet(folder.base_indices, folder.images, folder.labels, folder.target_image,
+                       folder.target_label, folder.adv_label, None, folder.target_index)
+    bench = folder.save(tmp_path / "trial", format="benchmark")
+    common = ("train", "--defense", "none", "--epochs", "1", "--poisons", str(bench),
+              "--no-progress")
+    code, out = run_cli(*common, "--out", str(tmp_path / "a"))
+    assert code == 2 and "--eps" in out and "Traceback" not in out, out
+    code, out = run_cli(*common, "--eps", "8", "--out", str(tmp_path / "b"))
+    assert code == 0 and "poisons dropped: 0/5" in out, out
+
+
+def test_option_reaches_any_defense_and_unset_flags_keep_library_defaults(tmp_path):
+    code, out = run_cli("train", "--defense", "random-drop", "--option", "count=7",
+                        "--epochs", "1", "--no-progress", "--out", str(tmp_path / "r"))
+    assert code == 0, out
+    config = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert config["defense_options"] == {"count": 7}
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["clean_dropped"] == 7
+    code, out = run_cli("train", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "e"))
+    assert code == 0, out
+    assert yaml.safe_load((tmp_path / "e" / "config.yaml").read_text())["defense_options"] == {}

@@ -123,7 +123,7 @@ def test_benchmark_without_side_file(tmp_path: Path) -> None:
     assert q.eps is None and q.target_index == -1 and q.metadata == {}
     assert q.adv_label == 1  # the poisons' label
     assert torch.equal(q.images, p.images) and torch.equal(q.base_indices, p.base_indices)
-    with pytest.raises(EpicError, match="pass eps="):
+    with pytest.raises(EpicError, match="give it with --eps"):
         q.validate(_base())
     q.validate(_base(), eps=8)
 
@@ -432,7 +432,7 @@ def test_poisoned_dataset_rejects_mismatched_poisons() -> None:
     before = base.images.clone()
     with pytest.raises(EpicError, match="out of range"):
         PoisonedDataset(base, _poisons(_base(n=60), [1, 45]))
-    with pytest.raises(EpicError, match="pass eps="):
+    with pytest.raises(EpicError, match="give it with --eps"):
         PoisonedDataset(base, _poisons(base, eps=None))
     assert len(PoisonedDataset(base, _poisons(base, eps=None), eps=8)) == 40
     assert torch.equal(base.images, before)

@@ -68,12 +68,15 @@ def check_fraction(name: str, value: float, *, low_open: bool = True) -> float:
     return float(value)
 
 
-def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
-    """Require an int, optionally at least ``minimum``."""
+def check_int(name: str, value: Any, *, minimum: int | None = None,
+              maximum: int | None = None) -> int:
+    """Require an int, optionally within ``[minimum, maximum]``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise EpicError(f"{name} must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
         raise EpicError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise EpicError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 

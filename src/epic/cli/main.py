@@ -67,19 +67,29 @@ def train(
     lr: LrOpt = 0.1,
     augment: AugmentOpt = None,
     defense: Annotated[str, typer.Option(help="Defense (epic list defenses).")] = "epic",
-    subset_fraction: Annotated[float, typer.Option(help="EPIC medoid budget per class.")] = 0.1,
-    interval: Annotated[int, typer.Option(help="EPIC: epochs between selections (T).")] = 2,
-    warmup: Annotated[int, typer.Option(help="EPIC: epochs before the first selection (K).")] = 1,
-    stop: Annotated[int | None, typer.Option(
-        help="EPIC: no selection from this epoch (default: the last lr decay).")] = None,
-    cluster_threshold: Annotated[int, typer.Option(help="EPIC: drop clusters this small.")] = 1,
-    proxy: Annotated[str, typer.Option(
-        help="EPIC gradient proxy: logits or last-layer.")] = "logits",
-    proxy_pass: Annotated[str, typer.Option(
+    option: Annotated[list[str] | None, typer.Option(
+        help="Defense option KEY=VALUE (e.g. subset_fraction=0.2); repeatable. Unset options "
+             "keep the library's defaults.")] = None,
+    subset_fraction: Annotated[float | None, typer.Option(
+        help="EPIC: medoid budget per class (default 0.1).")] = None,
+    interval: Annotated[int | None, typer.Option(
+        help="EPIC: rounds at epochs divisible by T (default 1).")] = None,
+    warmup: Annotated[int | None, typer.Option(
+        help="EPIC: no round before this epoch, K (default 1).")] = None,
+    until: Annotated[int | None, typer.Option(
+        help="EPIC: last epoch with a round (default: the last lr decay).")] = None,
+    cluster_threshold: Annotated[int | None, typer.Option(
+        help="EPIC: drop clusters this small (default 1).")] = None,
+    proxy: Annotated[str | None, typer.Option(
+        help="EPIC gradient proxy: logits or last-layer (default logits).")] = None,
+    proxy_pass: Annotated[str | None, typer.Option(
         help="EPIC: logits from a separate inference pass per round, or from the training "
-             "steps of the epoch before it (training).")] = "separate",
+             "steps of the epoch before it (training).")] = None,
     poisons: Annotated[Path | None, typer.Option(
         help="Poison file (.npz) or poisoning-benchmark folder.")] = None,
+    eps: Annotated[float | None, typer.Option(
+        help="L-inf bound of the poisons in pixel units /255, for files that do not record "
+             "it (poisoning-benchmark folders).")] = None,
     train_size: Annotated[int | None, typer.Option(
         help="Train on a seeded subset of this many examples (poisons always kept).")] = None,
     train_slice: Annotated[str | None, typer.Option(
@@ -111,18 +121,26 @@ def train(
     from ..evaluation import RunConfig, run_training
 
     init_from_env()  # under torchrun: one process per GPU, rank 0 prints
-    options = {}
-    if defense == "epic":
-        options = {"subset_fraction": subset_fraction, "interval": interval, "warmup": warmup,
-                   "stop": stop, "cluster_threshold": cluster_threshold, "proxy": proxy,
-                   "proxy_pass": proxy_pass}
+    options = _parse_options(option or [])
+    epic_flags = {"subset_fraction": subset_fraction, "interval": interval, "warmup": warmup,
+                  "until": until, "cluster_threshold": cluster_threshold, "proxy": proxy,
+                  "proxy_pass": proxy_pass}
+    given = {k: v for k, v in epic_flags.items() if v is not None}
+    if given and not defense.startswith("epic"):
+        from .._errors import EpicError
+
+        flag = "--" + next(iter(given)).replace("_", "-")
+        raise EpicError(f"{flag} is an EPIC option; use it with --defense epic (or an epic-* "
+                        f"variant), or pass --option KEY=VALUE to {defense}")
+    options.update(given)
     cfg = RunConfig(
         dataset=dataset, data_root=None if data_root is None else str(data_root),
         download=download, stream=stream, image_size=image_size, model=model, width=width,
         defense=defense,
-        poisons=None if poisons is None else str(poisons), train_size=train_size, out=str(out),
+        poisons=None if poisons is None else str(poisons), eps=eps, train_size=train_size,
+        out=str(out),
         train_slice=train_slice, checkpoint=None if checkpoint is None else str(checkpoint),
-        defense_options={k: v for k, v in options.items() if v is not None},
+        defense_options=options,
         train={"epochs": epochs, "batch_size": batch_size, "lr": lr, "augment": augment,
                "seed": seed, "device": device, "progress": progress, "scenario": scenario,
                "num_workers": num_workers, **_amp_options(amp)},

@@ -144,8 +144,9 @@ class PoisonSet:
                             f"got {type(base).__name__}; load it with epic.data.load_split")
         bound = self.eps if eps is None else _check_eps(eps)
         if bound is None:
-            raise EpicError("the perturbation bound of these poisons is unknown (the file has no "
-                            "eps); pass eps=..., e.g. eps=8 for 8/255")
+            raise EpicError("the perturbation bound of these poisons is unknown (the file "
+                            "records no eps); give it with --eps (eps=... in the library), e.g. "
+                            "--eps 8 for 8/255")
         n, k, shape = len(base), base.num_classes, base.image_shape
         if tuple(self.images.shape[1:]) != shape:
             raise EpicError(f"poison images have shape (C, H, W)={tuple(self.images.shape[1:])} "

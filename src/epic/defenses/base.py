@@ -35,9 +35,20 @@ def list_defenses(pattern: str = "*") -> list[str]:
 
 
 class DefenseCallback(Callback):
-    """Base class of defenses: no-op hooks, plus a summary for the run's results."""
+    """Base class of defenses: no-op hooks, plus a summary for the run's results.
+
+    Attributes:
+        needs_images: the defense works on the whole training set in memory (it cannot run
+            on a streamed split).
+    """
 
     name: str = "defense"
+    needs_images: bool = False
+
+    def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Return the uint8 (N, C, H, W) training images to train on, before the trainer is
+        built (a data-level defense such as JPEG compression). Default: unchanged."""
+        return images
 
     def summary(self) -> dict[str, Any]:
         """What the defense did, for ``summary.json`` (e.g. examples dropped)."""

@@ -84,6 +84,7 @@ class DPSGD(DefenseCallback):
     """
 
     name = "dp-sgd"
+    needs_images = True
 
     def __init__(self, *, noise_multiplier: float = 0.01, max_grad_norm: float = 4.0) -> None:
         self.noise_multiplier = _check_number("noise_multiplier", noise_multiplier,

@@ -156,6 +156,7 @@ class FriendlyNoise(DefenseCallback):
     """
 
     name = "friendly-noise"
+    needs_images = True
 
     def __init__(self, *, epoch: int | None = None, friendly_eps: float = 16.0,
                  friendly_lambda: float = 1.0, friendly_steps: int = 20,

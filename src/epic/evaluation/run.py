@@ -11,6 +11,7 @@ and rank 0 alone writes the files.
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -34,7 +35,7 @@ from ..data import (
     load_split,
     splice_poisons,
 )
-from ..defenses import create_defense
+from ..defenses import DEFENSES, create_defense
 from ..models import create_model, load_model, read_model_spec, save_model
 from ..training import TrainConfig, Trainer
 
@@ -54,6 +55,8 @@ class RunConfig:
         defense: ``none`` or ``epic`` (``epic list defenses``).
         poisons: a poison file (``.npz``) or poisoning-benchmark folder, or ``None``. Its
             indices refer to the training split after ``train_slice``.
+        eps: the poisons' L-inf bound out of 255, checked against them; needed when their
+            file does not record it (a poisoning-benchmark folder), else taken from the file.
         train_slice: ``"START:STOP"``: use only these training examples (e.g. the first
             2,500 images as a fine-tuning set), before the poisons are spliced in.
         checkpoint: a model file from ``epic pretrain``; it fixes the architecture (``model``
@@ -75,6 +78,7 @@ class RunConfig:
     width: int | None = None
     defense: str = "epic"
     poisons: str | None = None
+    eps: float | None = None
     train_slice: str | None = None
     checkpoint: str | None = None
     train_size: int | None = None
@@ -145,7 +149,7 @@ def prepare_data(cfg: RunConfig, seed: int = 0) -> dict[str, Any]:
     poison_mask = torch.zeros(len(train), dtype=torch.bool)
     if cfg.poisons is not None:
         poisons = PoisonSet.load(cfg.poisons)
-        train, poison_mask = splice_poisons(train, poisons)
+        train, poison_mask = splice_poisons(train, poisons, eps=cfg.eps)
     indices = torch.arange(len(train))
     if cfg.train_size is not None:
         check_int("train_size", cfg.train_size, minimum=1)
@@ -260,9 +264,6 @@ def pretrain(cfg: RunConfig, path: str | Path, *, resume: bool = True) -> dict[s
     return summary
 
 
-_NEEDS_IMAGES = ("friendly-noise", "dp-sgd")  # they read Trainer.images
-
-
 def execute_run(cfg: RunConfig, *,
                 resume: bool = True) -> tuple[dict[str, Any], Trainer, dict[str, Any]]:
     """:func:`run_training` that also returns the trainer and the model spec."""
@@ -279,18 +280,20 @@ def execute_run(cfg: RunConfig, *,
     resolved["train"]["milestones"] = list(train_cfg.milestones)
     if resume:
         _check_resumable(out, resolved)
-    if cfg.stream and cfg.defense in _NEEDS_IMAGES:
+    options = dict(cfg.defense_options)
+    if "seed" in inspect.signature(DEFENSES.get(cfg.defense)).parameters:
+        options.setdefault("seed", train_cfg.seed)  # a defense's own draws follow the run's
+    defense = create_defense(cfg.defense, **options)
+    if cfg.stream and defense.needs_images:
         raise EpicError(f"defense '{cfg.defense}' needs every training image in memory; drop "
                         f"--stream or choose another defense")
     data = prepare_data(cfg, seed=train_cfg.seed)
     train, test, poisons = data["train"], data["test"], data["poisons"]
+    if not cfg.stream:  # a data-level defense (e.g. JPEG) changes the images up front
+        train = ImageTensors(defense.prepare_images(train.images), train.labels, train.classes)
     seed_everything(train_cfg.seed)  # the model's initialisation is part of the run's seed
     model = build_model(cfg, train)
     spec = model_spec(cfg, train)
-    options = dict(cfg.defense_options)
-    if cfg.defense == "epic":
-        options.setdefault("seed", train_cfg.seed)
-    defense = create_defense(cfg.defense, **options)
     if main:
         write_yaml(out / "config.yaml", resolved)
 

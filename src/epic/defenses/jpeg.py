@@ -1,0 +1,69 @@
+"""JPEG compression: re-encode every training image once, before training.
+
+Lossy compression removes most of the high-frequency energy that small L-inf perturbations
+live in, at the cost of some detail in every image. An independent re-run of EPIC's setting
+(PureGen, NeurIPS 2024: CIFAR-10, ResNet-18, gradient matching at 1%) found quality 50 takes
+attack success from 44% to 0% for about 3 points of accuracy and almost no extra time: the
+cheap bar every other defense has to clear.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .._validation import check_int
+from .base import DefenseCallback, register_defense
+
+__all__ = ["JpegCompression", "jpeg_compress"]
+
+
+def jpeg_compress(images: Tensor, quality: int = 50) -> Tensor:
+    """JPEG-encode and decode uint8 images (N, C, H, W), C = 1 or 3, at ``quality`` (1-100).
+
+    Pillow's codec (4:2:0 chroma subsampling for colour, its default) runs once per image on
+    the CPU; returns a new uint8 tensor of the same shape on the images' device.
+    """
+    check_int("quality", quality, minimum=1, maximum=100)
+    pixels = images.detach().cpu().permute(0, 2, 3, 1).numpy()
+    if pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    out = np.empty_like(pixels)
+    for i, img in enumerate(pixels):  # the codec has no batch interface
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        out[i] = np.asarray(Image.open(buf))
+    out_t = torch.from_numpy(out)
+    out_t = out_t[:, None] if out_t.ndim == 3 else out_t.permute(0, 3, 1, 2)
+    return out_t.contiguous().to(images.device)
+
+
+@register_defense("jpeg")
+class JpegCompression(DefenseCallback):
+    """Train on JPEG-compressed copies of the training images (compressed once, up front).
+
+    Args:
+        quality: JPEG quality, 1-100 (default 50, the setting of the PureGen comparison).
+    """
+
+    name = "jpeg"
+    needs_images = True
+
+    def __init__(self, *, quality: int = 50) -> None:
+        self.quality = check_int("quality", quality, minimum=1, maximum=100)
+        self.changed = 0.0
+
+    def prepare_images(self, images: Tensor) -> Tensor:
+        out = jpeg_compress(images, self.quality)
+        self.changed = float((out.int() - images.int()).abs().float().mean()) if len(images) \
+            else 0.0
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        return {"quality": self.quality, "mean_abs_change": self.changed}
