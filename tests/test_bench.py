@@ -12,7 +12,7 @@ from epic.evaluation import bench as bench_mod
 from epic.evaluation import load_bench_config, read_results, run_bench, write_report
 
 TINY = {
-    "name": "tiny", "dataset": "digits", "trials": 2,
+    "name": "tiny", "dataset": "digits", "trials": 2, "replicates": 2,
     "surrogate": {"model": "convnet", "epochs": 2, "lr": 0.05},
     "victim": {"scenario": "transfer", "epochs": 3, "lr": 0.01},
     "attacks": [{"name": "bullseye-polytope", "num_poisons": 8, "eps": 32,
@@ -32,8 +32,10 @@ def finished(tmp_path_factory):
 
 def test_every_cell_runs_once_with_its_config(finished):
     out, rows = finished
-    assert len(rows) == 2 * 3
-    assert len({r["cell"] for r in rows}) == 6
+    assert len(rows) == 2 * (3 + 1)  # the undefended victim twice per target
+    assert len({r["cell"] for r in rows}) == 8
+    seeds = [r["seeds"]["train"] for r in rows if r["defense"] == "none"]
+    assert len(set(seeds)) == 4 and 0 not in seeds  # never the surrogate's seed
     assert read_results(out) == json.loads(json.dumps(rows))
     for r in rows:
         assert r["config"]["poisons"].startswith(str(out / "poisons"))
@@ -100,6 +102,7 @@ def test_report_tables_and_plots(finished, tmp_path):
     ({"victim": {"epochs": 3, "learning_rate": 0.1}}, "unknown key 'learning_rate'"),
     ({"surrogate": {"modle": "convnet"}}, "unknown key 'modle'"),
     ({"trials": 0}, "trials"),
+    ({"replicates": 0}, "replicates must be an integer from 1 to 10"),
     ({"seeds": "0"}, "seeds"),
     ({"dataset": "imagenet-1k"}, "unknown dataset"),
     ({"defenses": ["none", "none"]}, "used twice"),
@@ -143,3 +146,31 @@ def test_cli_defense_filter_errors(tmp_path, capsys):
     assert "add --defense epic-0.2" in capsys.readouterr().err
     assert main(["bench", str(path), "--attack", "nope", "--out", str(tmp_path / "o")]) == 2
     assert "--attack 'nope' is not in the config" in capsys.readouterr().err
+
+
+def _row(defense, trial, hit, replicate=0, match=None):
+    return {"attack": "a", "victim": "v", "defense": defense, "seed": 0, "trial": trial,
+            "replicate": replicate, "match": match,
+            "summary": {"attack_success": hit, "clean_test_acc": 0.9, "poisons_total": 10,
+                        "poisons_dropped": 0, "clean_dropped": 0, "train_examples": 100,
+                        "wall_seconds": 1.0}}
+
+
+def test_score_counts_robust_hits_stops_beyond_random_and_flips():
+    from epic.evaluation.report import markdown, score
+
+    none = [(0, [True, True, True]), (1, [True, False, True]), (2, [True, True, True]),
+            (3, [False, False, False]), (4, [True, True, True])]
+    rows = [_row("none", t, h, r) for t, hits in none for r, h in enumerate(hits)]
+    # the defense stops targets 0, 2 and 4 (robust) and 1 (not robust), flips target 3
+    rows += [_row("d", t, t == 3) for t in range(5)]
+    # its matched random drop also stops target 2
+    rows += [_row("rand", t, t != 2, match="d") for t in range(5)]
+    by = {s.defense: s for s in score(rows)}
+    d = by["d"]
+    assert (d.trials, d.replicates, d.robust) == (5, 3, 3)  # targets 0, 2, 4
+    assert d.robust_success == 0.0 and d.stopped == 3 and d.stopped_vs_random == 2
+    assert d.flips == 1.0 and d.success == 0.2
+    assert by["none"].trials == 5 and by["none"].success == 0.8  # first seed only
+    assert by["none"].robust_success == 1.0 and by["rand"].stopped_vs_random is None
+    assert "3 targets hit by the undefended victim with all 3" in markdown(score(rows))

@@ -24,7 +24,15 @@ __all__ = ["DefenseScore", "score", "markdown", "per_target", "write_report"]
 
 @dataclass(frozen=True)
 class DefenseScore:
-    """One defense's aggregate over the trials of one attack and victim."""
+    """One defense's aggregate over the trials of one attack and victim.
+
+    ``robust`` counts the targets whose undefended attack hit with every victim seed
+    (``replicates`` of them); ``robust_success`` is this defense's success on those targets,
+    ``stopped`` how many of them it turned into misses and ``stopped_vs_random`` how many of
+    those its matched random drop (a ``random-drop`` entry with ``match`` = this defense) did
+    not also stop (``None`` without such a control). ``flips`` is the share of targets the
+    undefended victim got right that this defense hands to the attacker.
+    """
 
     attack: str
     victim: str
@@ -38,31 +46,69 @@ class DefenseScore:
     clean_removed: float
     seconds: float
     time_ratio: float | None
+    replicates: int = 1
+    robust: int = 0
+    robust_success: float | None = None
+    stopped: int = 0
+    stopped_vs_random: int | None = None
+    flips: float = 0.0
+
+
+def _hit(summary: dict[str, Any]) -> bool:
+    return bool(summary.get("attack_success"))
 
 
 def score(rows: list[dict[str, Any]], baseline: str = "none") -> list[DefenseScore]:
-    """Aggregate result lines per (attack, victim, defense), in the order they first appear."""
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    """Aggregate result lines per (attack, victim, defense), in the order they first appear.
+
+    Only each defense's first victim seed enters success and accuracy; the undefended
+    victim's extra seeds (``replicate`` > 0) decide which hits are robust.
+    """
+    groups: dict[tuple[str, str, str], dict[tuple[int, int], dict[str, Any]]] = \
+        defaultdict(dict)
+    reps: dict[tuple[str, str], dict[tuple[int, int], list[bool]]] = \
+        defaultdict(lambda: defaultdict(list))
+    control: dict[tuple[str, str, str], str] = {}
     for r in rows:
-        groups[r["attack"], r["victim"], r["defense"]].append(r["summary"])
-    base_time = {(a, v): statistics.fmean(s["wall_seconds"] for s in runs)
+        target = (r["seed"], r["trial"])
+        if r["defense"] == baseline:
+            reps[r["attack"], r["victim"]][target].append(_hit(r["summary"]))
+        if r.get("match"):
+            control[r["attack"], r["victim"], r["match"]] = r["defense"]
+        if r.get("replicate", 0) == 0:
+            groups[r["attack"], r["victim"], r["defense"]][target] = r["summary"]
+    base_time = {(a, v): statistics.fmean(s["wall_seconds"] for s in runs.values())
                  for (a, v, d), runs in groups.items() if d == baseline}
     out = []
-    for (attack, victim, defense), runs in groups.items():
+    for (attack, victim, defense), by_target in groups.items():
+        runs = list(by_target.values())
         n = len(runs)
-        p = sum(bool(s.get("attack_success")) for s in runs) / n
+        p = sum(_hit(s) for s in runs) / n
         accs = [float(s["clean_test_acc"]) for s in runs]
         poisons = sum(s["poisons_total"] for s in runs)
         clean = sum(s["train_examples"] - s["poisons_total"] for s in runs)
         seconds = statistics.fmean(s["wall_seconds"] for s in runs)
         ref = base_time.get((attack, victim))
+        undefended = reps.get((attack, victim), {})
+        robust = [t for t, hits in undefended.items() if hits and all(hits) and t in by_target]
+        stopped = [t for t in robust if not _hit(by_target[t])]
+        ctrl = groups.get((attack, victim, control.get((attack, victim, defense), "")))
+        verified = None if ctrl is None else sum(1 for t in stopped if t in ctrl
+                                                 and _hit(ctrl[t]))
+        misses = [t for t, hits in undefended.items() if hits and not hits[0] and t in by_target]
         out.append(DefenseScore(
             attack=attack, victim=victim, defense=defense, trials=n, success=p,
             success_se=math.sqrt(p * (1 - p) / n), clean_acc=statistics.fmean(accs),
             clean_acc_std=statistics.pstdev(accs) if n > 1 else 0.0,
             poisons_removed=sum(s["poisons_dropped"] for s in runs) / max(poisons, 1),
             clean_removed=sum(s["clean_dropped"] for s in runs) / max(clean, 1),
-            seconds=seconds, time_ratio=seconds / ref if ref else None))
+            seconds=seconds, time_ratio=seconds / ref if ref else None,
+            replicates=max((len(h) for h in undefended.values()), default=0),
+            robust=len(robust),
+            robust_success=(sum(_hit(by_target[t]) for t in robust) / len(robust)
+                            if robust else None),
+            stopped=len(stopped), stopped_vs_random=verified,
+            flips=(sum(_hit(by_target[t]) for t in misses) / len(misses) if misses else 0.0)))
     return out
 
 
@@ -72,16 +118,29 @@ def markdown(scores: list[DefenseScore]) -> str:
     keys = list(dict.fromkeys((s.attack, s.victim) for s in scores))
     for attack, victim in keys:
         rows = [s for s in scores if (s.attack, s.victim) == (attack, victim)]
+        reps = max(s.replicates for s in rows)
+        robust = rows[0].robust
         lines = [f"### {attack} ({victim})", "",
-                 "| defense | trials | attack success | clean accuracy | poisons removed | "
+                 f"Robust hits: {robust} targets hit by the undefended victim with all {reps} "
+                 "of its seeds.", "",
+                 "| defense | trials | attack success | on robust hits | stopped (not by "
+                 "random drop) | flips miss -> hit | clean accuracy | poisons removed | "
                  "clean removed | time (s) | time / undefended |",
-                 "|---|---|---|---|---|---|---|---|"]
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in rows:
             ratio = f"{s.time_ratio:.2f}x" if s.time_ratio is not None else "n/a"
+            on_robust = "n/a" if s.robust_success is None else f"{s.robust_success:.0%}"
+            verified = "n/a" if s.stopped_vs_random is None else str(s.stopped_vs_random)
+            stopped = f"{s.stopped}/{s.robust} ({verified})"
             lines.append(f"| {s.defense} | {s.trials} | {s.success:.0%} ± {s.success_se:.0%} | "
+                         f"{on_robust} | {stopped} | {s.flips:.0%} | "
                          f"{s.clean_acc:.2%} ± {s.clean_acc_std:.2%} | "
                          f"{s.poisons_removed:.0%} | {s.clean_removed:.2%} | "
                          f"{s.seconds:.1f} | {ratio} |")
+        lines += ["", "Stopped: robust hits this defense turns into misses (in brackets, those "
+                  "its matched random drop does not also stop; n/a: no matched control). "
+                  "Flips: targets the undefended victim got right that this defense hands "
+                  "to the attacker."]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
@@ -95,11 +154,16 @@ def per_target(rows: list[dict[str, Any]]) -> str:
         mine = [r for r in rows if (r["attack"], r["victim"]) == (attack, victim)]
         defenses = list(dict.fromkeys(r["defense"] for r in mine))
         trials: dict[tuple[int, int], dict[str, dict[str, Any]]] = defaultdict(dict)
+        undefended: dict[tuple[int, int], list[bool]] = defaultdict(list)
         for r in mine:
-            trials[r["seed"], r["trial"]][r["defense"]] = r["summary"]
+            if r["defense"] == "none":
+                undefended[r["seed"], r["trial"]].append(_hit(r["summary"]))
+            if r.get("replicate", 0) == 0:
+                trials[r["seed"], r["trial"]][r["defense"]] = r["summary"]
         lines = [f"### {attack} ({victim}): per target", "",
-                 "| seed/trial | target (class -> adversarial) | " + " | ".join(defenses) + " |",
-                 "|---|---|" + "---|" * len(defenses)]
+                 "| seed/trial | target (class -> adversarial) | undefended seeds hit | "
+                 + " | ".join(defenses) + " |",
+                 "|---|---|---|" + "---|" * len(defenses)]
         for (seed, trial), by in sorted(trials.items()):
             first = next(iter(by.values()))
             cells = []
@@ -112,8 +176,10 @@ def per_target(rows: list[dict[str, Any]]) -> str:
                 if s["poisons_dropped"] or s["clean_dropped"]:
                     cell += f" ({s['poisons_dropped']}/{s['poisons_total']}, {s['clean_dropped']})"
                 cells.append(cell)
+            hits = undefended.get((seed, trial), [])
             lines.append(f"| {seed}/{trial} | {first['target_index']} ({first['target_label']} -> "
-                         f"{first['adv_label']}) | " + " | ".join(cells) + " |")
+                         f"{first['adv_label']}) | {sum(hits)}/{len(hits)} | "
+                         + " | ".join(cells) + " |")
         lines += ["", "Cells: outcome (poisons dropped / poisons, clean examples dropped)."]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
