@@ -124,9 +124,6 @@ def test_channels_last_survives_crop_flip_through_the_network():
     assert seen["conv_out_channels_last"] and all(seen["conv_out_channels_last"])
 
 
-@pytest.mark.xfail(strict=False, reason="random_crop's advanced indexing returns "
-                   "(N, C, H, W)-contiguous images (so on CPU); Trainer._train_epoch restores "
-                   "channels-last after augmentation only when distributed")
 def test_channels_last_inputs_after_crop_flip():
     trainer = Trainer(tiny_model(), tiny_split(),
                       config=TrainConfig(**{**FAST, "augment": "crop-flip"}))

@@ -445,14 +445,16 @@ class Trainer:
                     full = x.new_zeros((len(batch), *x.shape[1:]))
                     full[rank::world] = x
                     x = augment_batch(full, cfg.augment, cfg.crop_padding, self.generator)
-                    x = x[rank::world].contiguous(memory_format=self.memory_format)
+                    x = x[rank::world]
             elif world == 1 or cfg.augment == "none":
                 x = self._to_input(self.images.index_select(0, part_dev))
                 x = augment_batch(x, cfg.augment, cfg.crop_padding, self.generator)
             else:  # augment the global batch so that every rank draws the same numbers
                 x = self._to_input(self.images.index_select(0, batch.to(self.device)))
                 x = augment_batch(x, cfg.augment, cfg.crop_padding, self.generator)
-                x = x[rank::world].contiguous(memory_format=self.memory_format)
+                x = x[rank::world]
+            if self.cache is None:  # a random crop's gather returns (N, C, H, W) order
+                x = x.contiguous(memory_format=self.memory_format)
             for cb in self._batch_transforms:
                 x = cb.transform_batch(self, part_dev, x)
             with self._autocast():
