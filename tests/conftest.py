@@ -21,3 +21,11 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def small_model(seed: int = 0) -> torch.nn.Module:
+    """A tiny ConvNet for 8x8 grayscale digits, seeded."""
+    from epic.models import create_model
+
+    torch.manual_seed(seed)
+    return create_model("convnet", num_classes=10, in_channels=1, mean=(0.3,), std=(0.38,))

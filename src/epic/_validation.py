@@ -61,8 +61,10 @@ def check_labels(labels: Any, n: int, num_classes: int | None = None) -> torch.T
 
 def check_fraction(name: str, value: float, *, low_open: bool = True) -> float:
     """Require ``value`` in (0, 1] (or [0, 1] with ``low_open=False``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EpicError(f"{name} must be a number, got {value!r}")
     ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
-    if not isinstance(value, (int, float)) or not ok:
+    if not ok:
         interval = "(0, 1]" if low_open else "[0, 1]"
         raise EpicError(f"{name} must be in {interval}, got {value!r}")
     return float(value)

@@ -17,7 +17,7 @@ import torch
 from .. import _distributed as dist
 from .._errors import EpicError
 from .._validation import check_choice
-from ..selection import EPIC, SelectionSchedule, gradient_proxy
+from ..selection import EPIC, GradientProxy, SelectionSchedule, gradient_proxy
 from .base import DefenseCallback, drop_record, register_defense
 
 __all__ = ["EpicDefense", "PROXIES", "PROXY_PASSES"]
@@ -99,6 +99,18 @@ class EpicDefense(DefenseCallback):
             logits[missing] = trainer.predict(missing.cpu(), amp=False)[0]
         return logits, None
 
+    def _decide(self, trainer: Any, proxies: GradientProxy, labels: torch.Tensor
+                ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The examples this round flags (CPU indices into the training set) and the round's
+        extra log fields. EPIC: the members of small facility-location clusters."""
+        classes = None
+        if dist.is_distributed():  # this process's share of the classes
+            rank, world = dist.rank(), dist.world_size()
+            classes = [c for c in torch.unique(labels).tolist() if c % world == rank]
+        result = self.epic.select(proxies, labels, classes=classes)
+        dropped = dist.all_gather_varlen(result.dropped).cpu()  # every class's
+        return dropped, {"medoids": int(dist.all_gather_varlen(result.medoids).numel())}
+
     def _select(self, trainer: Any, epoch: int) -> None:
         t0 = time.perf_counter()
         # Every round clusters the whole training set, as the authors' code does: the dropped
@@ -109,13 +121,7 @@ class EpicDefense(DefenseCallback):
         logits, feats = self._logits(trainer, idx)
         labels = trainer.labels.index_select(0, idx.to(trainer.labels.device))
         proxies = gradient_proxy(logits, labels, feats)
-        classes = None
-        if dist.is_distributed():  # this process's share of the classes
-            rank, world = dist.rank(), dist.world_size()
-            classes = [c for c in torch.unique(labels).tolist() if c % world == rank]
-        result = self.epic.select(proxies, labels, classes=classes)
-        dropped = dist.all_gather_varlen(result.dropped).cpu()  # positions in idx, every class
-        medoids = int(dist.all_gather_varlen(result.medoids).numel())
+        dropped, fields = self._decide(trainer, proxies, labels)
         selected = torch.ones(len(idx), dtype=torch.bool)
         selected[dropped] = False
         if self.record_proxies:
@@ -129,7 +135,7 @@ class EpicDefense(DefenseCallback):
         trainer.set_active(keep)  # distributed: rank 0's mask, broadcast to every rank
         keep = trainer.active
         self.dropped = (~keep).nonzero().squeeze(1)
-        record = drop_record(trainer, keep, epoch=epoch + 1, pool=len(idx), medoids=medoids,
+        record = drop_record(trainer, keep, epoch=epoch + 1, pool=len(idx), **fields,
                              flagged=int(dropped.numel()),
                              dropped_this_round=int((before & ~keep).sum()))
         record["seconds"] = time.perf_counter() - t0

@@ -1,0 +1,83 @@
+"""EPIC-plus: k-NN isolation ranked across classes, dropped only when it persists, capped."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import small_model
+from epic import EpicError
+from epic.defenses import EpicPlus, create_defense
+from epic.selection import GradientProxy, knn_isolation
+from epic.training import TrainConfig, Trainer
+
+
+def planted(n_per_class=100, group=4, seed=0):
+    """Two classes of tight Gaussian points; class 0 also holds a small far group (the
+    poisons, isolated together) at the end."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([torch.randn(n_per_class, 6, generator=g),
+                   torch.randn(n_per_class, 6, generator=g) * 5 + 20,  # another scale
+                   torch.randn(group, 6, generator=g) * 0.1 + 12])
+    y = torch.cat([torch.zeros(n_per_class), torch.ones(n_per_class),
+                   torch.zeros(group)]).long()
+    return x, y, torch.arange(2 * n_per_class, 2 * n_per_class + group)
+
+
+def test_knn_isolation_ranks_a_far_group_first_and_is_scale_free_per_class():
+    x, y, group = planted()
+    s = knn_isolation(x, y, k=5)
+    assert set(s.topk(len(group)).indices.tolist()) == set(group.tolist())
+    assert abs(float(s[y == 1].median()) - 1.0) < 1e-5  # each class over its own median
+    scaled = x.clone()
+    scaled[y == 1] *= 100  # one class's scale does not change its scores
+    assert torch.allclose(knn_isolation(scaled, y, k=5), s, rtol=1e-4)
+    assert torch.allclose(knn_isolation(GradientProxy(x), y, k=5), s)
+    with pytest.raises(EpicError, match="k must be >= 1"):
+        knn_isolation(x, y, k=0)
+
+
+def rounds(defense, x, y, flags):
+    """Run ``_decide`` once per entry of ``flags`` (extra points to push far in that round),
+    applying its drops to a fake trainer's active mask as the defense does."""
+    trainer = SimpleNamespace(active=torch.ones(len(y), dtype=torch.bool))
+    drops = []
+    for extra in flags:
+        xr = x.clone()
+        xr[extra] += 50  # a clean point isolated in this round only
+        dropped, _ = defense._decide(trainer, GradientProxy(xr), y)
+        trainer.active = torch.ones(len(y), dtype=torch.bool)
+        trainer.active[dropped] = False
+        drops.append(set(dropped.tolist()))
+    return drops
+
+
+def test_only_isolation_that_persists_drops_and_the_cap_holds():
+    x, y, group = planted()
+    transient = torch.tensor([3])
+    plus = EpicPlus(fraction=0.03, k=5, patience=2)  # 6 of 204 flagged per round
+    first, second, third = rounds(plus, x, y, [transient, [], []])
+    assert first == set()  # flagged once: nothing drops yet
+    assert set(group.tolist()) <= second and 3 not in second  # the transient point stays
+    assert second <= third and len(third) <= int(0.03 * len(y))
+    capped = EpicPlus(fraction=0.015, k=5, patience=1)  # room for 3 of the 4
+    (once,) = rounds(capped, x, y, [[]])
+    assert len(once) == 3 and once <= set(group.tolist())
+
+
+def test_epic_plus_runs_without_a_decay_to_the_end_and_drops_at_most_its_fraction(digits):
+    train, _ = digits
+    plus = create_defense("epic-plus", fraction=0.05)
+    trainer = Trainer(small_model(), train, callbacks=[plus], config=TrainConfig(
+        epochs=5, batch_size=64, lr=0.05, augment="none", progress=False, milestones=()))
+    trainer.fit()
+    assert [r["epoch"] - 1 for r in plus.rounds] == [1, 2, 3, 4]
+    assert int((~trainer.active).sum()) <= int(0.05 * len(train.labels))
+    state = plus.state_dict()
+    again = EpicPlus()
+    again.load_state_dict(state)
+    assert torch.equal(again.streak, plus.streak)
+    with pytest.raises(EpicError, match="fraction must be a number"):
+        EpicPlus(fraction="0.03")
