@@ -9,12 +9,13 @@ images. EPIC-plus keeps the schedule and the per-class view and changes three th
   poisons crafted in feature space (bullseye, feature collision) stand apart from the clean
   images that merely share their logit gradient;
 * **isolation is a number, ranked across classes**: the distance to the ``k``-th nearest
-  example of the same class over that class's median (:func:`~epic.selection.knn_isolation`);
-  a round flags the ``fraction`` most isolated examples of the training set;
-* **only persistent isolation drops**: an example goes once it has been flagged in
-  ``patience`` consecutive rounds, and never more than ``fraction`` of the training set in
-  all. Poisons stay isolated round after round; a clean example is rarely flagged twice in a
-  row, so the clean losses stay under the cap.
+  example of the same class (:func:`~epic.selection.knn_isolation`); a round flags the
+  ``fraction`` most isolated examples of the whole training set;
+* **only persistent isolation drops**: an example goes once it has been flagged in at least
+  ``patience`` rounds and in at least half of the rounds so far, and never more than
+  ``fraction`` of the training set in all (the most often flagged first). Poisons stay
+  isolated round after round; most clean examples that a round flags are not flagged again,
+  so the clean losses stay under the cap.
 
 It works with any schedule, constant learning rate included (rounds then run to the end).
 """
@@ -41,8 +42,8 @@ class EpicPlus(EpicDefense):
         fraction: share of the training set flagged per round, and the most ever dropped
             (default 0.03).
         k: the neighbour whose distance measures isolation (default 10).
-        patience: consecutive rounds an example must be flagged before it is dropped
-            (default 2).
+        patience: rounds an example must have been flagged in (and in at least half of the
+            rounds so far) before it is dropped (default 3).
         warmup, interval, until: the round schedule, as for ``epic`` (default: every epoch
             from epoch 1 until the last learning-rate decay, or to the end without one).
         proxy: ``"last-layer"`` (default) or ``"logits"``.
@@ -52,7 +53,7 @@ class EpicPlus(EpicDefense):
 
     name = "epic-plus"
 
-    def __init__(self, *, fraction: float = 0.03, k: int = 10, patience: int = 2,
+    def __init__(self, *, fraction: float = 0.03, k: int = 10, patience: int = 3,
                  warmup: int = 1, interval: int = 1, until: int | None = None,
                  proxy: str = "last-layer", proxy_pass: str = "separate", seed: int = 0,
                  record_proxies: bool = False) -> None:
@@ -61,7 +62,8 @@ class EpicPlus(EpicDefense):
         self.fraction = check_fraction("fraction", fraction)
         self.k = check_int("k", k, minimum=1)
         self.patience = check_int("patience", patience, minimum=1)
-        self.streak: torch.Tensor | None = None  # consecutive rounds flagged, per example
+        self.votes: torch.Tensor | None = None  # rounds each example was flagged in
+        self.voted = 0  # rounds so far
 
     def _decide(self, trainer: Any, proxies: GradientProxy, labels: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -71,22 +73,26 @@ class EpicPlus(EpicDefense):
         flagged = torch.zeros(n, dtype=torch.bool)
         if budget:
             top = scores.topk(budget).indices
-            flagged[top[scores[top] > 1.0]] = True  # at least as isolated as the class median
-        if self.streak is None or len(self.streak) != n:
-            self.streak = torch.zeros(n, dtype=torch.long)
-        self.streak = torch.where(flagged, self.streak + 1, 0)
+            flagged[top[scores[top] > 0]] = True  # a fitted class's zero gradients never count
+        if self.votes is None or len(self.votes) != n:
+            self.votes, self.voted = torch.zeros(n, dtype=torch.long), 0
+        self.votes += flagged
+        self.voted += 1
         out = ~trainer.active
         room = budget - int(out.sum())
-        ready = ((self.streak >= self.patience) & ~out).nonzero().squeeze(1)
-        if room < len(ready):  # the cap: the most isolated first
-            ready = ready[scores[ready].topk(max(room, 0)).indices]
+        ready = ((self.votes >= self.patience) & (2 * self.votes >= self.voted)
+                 & ~out).nonzero().squeeze(1)
+        if room < len(ready):  # the cap: the most often flagged (then most isolated) first
+            order = self.votes[ready].double() + scores[ready].double() / (
+                1 + float(scores.max()))
+            ready = ready[order.topk(max(room, 0)).indices]
         drop = torch.cat([out.nonzero().squeeze(1), ready]).sort().values
         return drop, {"flagged_now": int(flagged.sum())}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "streak": self.streak}
+        return {**super().state_dict(), "votes": self.votes, "voted": self.voted}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.streak = None if state.get("streak") is None else state["streak"].cpu()
-
+        self.votes = None if state.get("votes") is None else state["votes"].cpu()
+        self.voted = int(state.get("voted", 0))

@@ -3,8 +3,9 @@
 EPIC calls a point isolated when a facility-location medoid ends up alone in its cluster; that
 test is binary and depends on the medoid budget, so it also fires on ordinary hard examples.
 :func:`knn_isolation` measures the same idea as a number: the distance from an example to its
-``k``-th nearest neighbour of the same class, divided by the median of that distance over the
-class, so that scores of different classes can be ranked together.
+``k``-th nearest neighbour of the same class. Gradient proxies of one model share their units,
+so the scores of different classes can be ranked together. (A per-class normalisation, by the
+class's median, fails where a model fits most of a class exactly: the median is then zero.)
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ def knn_isolation(proxies: Tensor | GradientProxy, labels: Tensor, *, k: int = 1
         block: rows of the (block, n_c) distance block held at once.
 
     Returns:
-        Float32 scores ``d_k(i) / median_c(d_k)`` (0 in classes with a single example; a
-        class whose median distance is 0 divides by its smallest positive distance).
+        Float32 distances ``d_k(i)`` to the ``k``-th nearest same-class example (0 in
+        classes with a single example).
     """
     pts = as_proxy(proxies)
     n = len(pts)
@@ -54,10 +55,5 @@ def knn_isolation(proxies: Tensor | GradientProxy, labels: Tensor, *, k: int = 1
                                    b_sq=members_sq)
             d[torch.arange(len(rows), device=d.device), rows] = float("inf")  # not itself
             dk.append(d.topk(kk, dim=1, largest=False).values[:, -1])
-        dist = torch.cat(dk)
-        scale = dist.median()
-        if not scale > 0:
-            positive = dist[dist > 0]
-            scale = positive.min() if len(positive) else dist.new_tensor(1.0)
-        scores[idx] = dist / scale
+        scores[idx] = torch.cat(dk)
     return scores
