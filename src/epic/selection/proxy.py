@@ -55,7 +55,16 @@ class GradientProxy:
         else:
             pick = lambda t: t[idx]  # noqa: E731
         feats = None if self.features is None else pick(self.features)
-        return GradientProxy(pick(self.vectors), feats)
+        return GradientProxy._trusted(pick(self.vectors), feats)
+
+    @classmethod
+    def _trusted(cls, vectors: Tensor, features: Tensor | None) -> GradientProxy:
+        """A proxy from parts of a checked one, without re-running the checks (a full pass
+        over the data each; hot loops slice proxies into many blocks)."""
+        out = object.__new__(cls)
+        object.__setattr__(out, "vectors", vectors)
+        object.__setattr__(out, "features", features)
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -133,19 +142,27 @@ def as_proxy(points: Tensor | GradientProxy) -> GradientProxy:
 
 def pairwise_distances(a: Tensor | GradientProxy, b: Tensor | GradientProxy, *,
                        metric: str = "euclidean", a_sq: Tensor | None = None,
-                       b_sq: Tensor | None = None) -> Tensor:
+                       b_sq: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """(len(a), len(b)) distances: Euclidean, or cosine distance ``1 - cos``.
 
-    ``a_sq``/``b_sq`` are optional precomputed squared norms (saves work in hot loops).
+    ``a_sq``/``b_sq`` are optional precomputed squared norms (saves work in hot loops); ``out``
+    an optional (len(a), len(b)) tensor to write into (a view of a larger matrix works), which
+    is returned.
     """
     a, b = as_proxy(a), as_proxy(b)
+    if metric not in METRICS:
+        raise EpicError(f"unknown value {metric!r} for metric; valid values are {list(METRICS)}")
     a_sq = a.sq_norms() if a_sq is None else a_sq
     b_sq = b.sq_norms() if b_sq is None else b_sq
+    if metric == "euclidean" and a.features is None and b.features is None:
+        # ||a||^2 + ||b||^2 - 2 a.b with the product and one sum fused in one addmm
+        d2 = torch.addmm(b_sq[None, :], a.vectors, b.vectors.T, alpha=-2, out=out)
+        return d2.add_(a_sq[:, None]).clamp_(min=0).sqrt_()
     g = a.gram(b)
+    if out is not None:
+        g = out.copy_(g)
     if metric == "euclidean":
         d2 = g.mul_(-2).add_(a_sq[:, None]).add_(b_sq[None, :])
         return d2.clamp_(min=0).sqrt_()
-    if metric == "cosine":
-        denom = (a_sq[:, None] * b_sq[None, :]).sqrt_().clamp_(min=1e-12)
-        return g.div_(denom).neg_().add_(1).clamp_(0, 2)
-    raise EpicError(f"unknown value {metric!r} for metric; valid values are {list(METRICS)}")
+    denom = (a_sq[:, None] * b_sq[None, :]).sqrt_().clamp_(min=1e-12)  # cosine
+    return g.div_(denom).neg_().add_(1).clamp_(0, 2)
