@@ -41,6 +41,13 @@ _MiB = 2**20
 # stay in cache: a few in-cache passes per block instead of several passes over (rows, n).
 _BLOCK = 2**17
 _BLOCK_ROWS = 256
+# The CPU storage of the last precomputed matrix is kept for the next one (if at most
+# _SPARE_MB): a fresh 100 MB tensor costs ~35 ms of page faults, about what computing the
+# matrix costs, and a selection round builds one per class, round after round.
+_SPARE_MB = 512
+# Rows of the exact greedy's update read together (each block reads a window of columns).
+_STEP_ROWS = 64
+_spare: list[Tensor] = []
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,28 @@ class FacilityLocationResult:
     min_dist: Tensor
 
 
+def _fits(n: int, memory_mb: float) -> bool:
+    """Whether the (n, n) float32 matrix is precomputed: it takes at most half the budget."""
+    return n * n * 4 <= memory_mb * _MiB / 2
+
+
+def _line(points: GradientProxy) -> Tensor:
+    """(n,) a 1-Lipschitz map of the points to a line, ``|key_i - key_j| <= ||p_i - p_j||``.
+
+    Plain vectors: their coordinate along the leading principal direction (a few power
+    iterations from the longest vector; any unit direction would do, this one spreads the
+    points most). Factored proxies: the norm of the flattened vector.
+    """
+    if points.features is not None:
+        return points.sq_norms().sqrt()
+    x = points.vectors
+    v = x[x.pow(2).sum(1).argmax()]
+    for _ in range(8):
+        v = x.T @ (x @ v)
+        v = v / v.norm().clamp(min=torch.finfo(x.dtype).tiny)  # all-equal points: v = 0
+    return x @ v
+
+
 class _Distances:
     """Rows of the pairwise distance matrix: precomputed if it fits the budget, else on the fly."""
 
@@ -73,14 +102,50 @@ class _Distances:
         self.sq = points.sq_norms()
         # Rows per chunk so that a (rows, n) float32 block stays within a quarter of the budget.
         self.chunk = max(1, int(memory_mb * _MiB / 4 / (4 * max(self.n, 1))))
-        self.full: Tensor | None = None
-        if self.n * self.n * 4 <= memory_mb * _MiB / 2:
-            self.full = self._compute(torch.arange(self.n, device=points.device))
         # Rows of an on-the-fly row sum at once: cache-sized blocks on the CPU; elsewhere (GPU)
         # whole rows, as few large kernels beat many small ones there.
         self.cpu = points.device.type == "cpu"
         self.sum_rows = min(self.chunk, _BLOCK_ROWS) if self.cpu else self.chunk
+        # Rows of the matrix built (or scanned) at once: blocks of about _BLOCK distances on
+        # the CPU, so that the in-place passes over a block run in cache.
+        self.block_rows = (min(self.chunk, max(8, _BLOCK // max(self.n, 1))) if self.cpu
+                           else self.chunk)
         self._columns: dict[int, list[tuple[GradientProxy, Tensor, int]]] = {}
+        self.full: Tensor | None = None
+        self.row_sums: Tensor | None = None
+        if _fits(self.n, memory_mb):
+            self.full, self.row_sums = self._matrix()
+
+    def _matrix(self) -> tuple[Tensor, Tensor]:
+        """The (n, n) distance matrix, built block by block in place, and its row sums."""
+        n, storage = self.n, None
+        if self.cpu and _spare:  # pop: a concurrent call allocates its own
+            storage = _spare.pop()
+            if storage.dtype != self.sq.dtype or storage.numel() < n * n:
+                storage = None
+        self.storage = self.sq.new_empty(n * n) if storage is None else storage
+        full = self.storage[:n * n].view(n, n)
+        plain = self.points.features is None and self.metric == "euclidean"
+        if plain:  # |a|^2 + |b|^2 - 2 a.b as one product: [-2a, 1, |a|^2] . [b, |b|^2, 1]
+            x, sq, ones = self.points.vectors, self.sq[:, None], self.sq.new_ones(n, 1)
+            left, right = torch.cat([x * -2, ones, sq], 1), torch.cat([x, sq, ones], 1).T
+        sums = []
+        for lo in range(0, n, self.block_rows):
+            part = slice(lo, min(lo + self.block_rows, n))
+            if plain:
+                block = torch.mm(left[part], right, out=full[part]).clamp_(min=0).sqrt_()
+            else:
+                block = pairwise_distances(self.points[part], self.points, metric=self.metric,
+                                           a_sq=self.sq[part], b_sq=self.sq, out=full[part])
+            block[:, part].diagonal().zero_()  # exact zeros (rounding leaves ~1e-4 there)
+            sums.append(block.sum(1))  # while the block is in cache
+        return full, torch.cat(sums) if sums else self.sq.new_zeros(0)
+
+    def release(self) -> None:
+        """Done with the matrix: keep its CPU storage for the next one (see ``_SPARE_MB``)."""
+        storage, self.full, self.storage = getattr(self, "storage", None), None, None
+        if storage is not None and storage.numel() * storage.element_size() <= _SPARE_MB * _MiB:
+            _spare[:] = [storage]
 
     def _compute(self, idx: Tensor) -> Tensor:
         blocks = [
@@ -114,6 +179,8 @@ class _Distances:
         """(len(idx),) ``sum_i d(j, i)`` for each ``j`` in ``idx``; with ``offset`` (n,), the
         facility-location gains ``sum_i max(0, offset_i - d(j, i))``."""
         if self.full is not None:
+            if offset is None and len(idx) == self.n and self.row_sums is not None:
+                return self.row_sums.index_select(0, idx)  # summed while building
             out = []
             for part in idx.split(self.chunk):
                 rows = self.full.index_select(0, part)
@@ -170,8 +237,13 @@ def facility_location(points: Tensor | GradientProxy, k: int, *, metric: str = "
                         f"valid values are {list(OPTIMIZERS)}")
     if optimizer == "auto":
         optimizer = "stochastic" if n > stochastic_above else "lazy"
-    if pts.features is None and metric == "euclidean":
-        pts = GradientProxy(pts.vectors - pts.vectors.mean(0))  # less cancellation, same distances
+    if pts.features is None and metric == "euclidean":  # less cancellation, same distances
+        pts = GradientProxy._trusted(pts.vectors - pts.vectors.mean(0), None)
+    key = order = None
+    if optimizer == "lazy" and metric == "euclidean" and _fits(n, memory_mb):
+        # the exact greedy below reads windows of columns: sort the points along a line
+        key, order = _line(pts).sort(stable=True)
+        pts = pts[order]
     dist = _Distances(pts, metric, memory_mb)
     device = pts.device
 
@@ -200,7 +272,13 @@ def facility_location(points: Tensor | GradientProxy, k: int, *, metric: str = "
     def exact_gains(cand: Tensor) -> Tensor:
         return dist.sums(cand, min_dist)
 
-    if optimizer == "lazy":
+    if optimizer == "lazy" and dist.full is not None:
+        # bounds the rounding of a distance computed as sqrt(|a|^2 + |b|^2 - 2 a.b): that of
+        # the sum is at most ~(d + 2) eps 4 max|x|^2 (a dozen terms), its square root ~7x this
+        slack = 8 * math.sqrt(torch.finfo(dist.sq.dtype).eps) * float(dist.sq.max().sqrt())
+        _exact_greedy(dist, k, min_dist, assignment, medoids, gains, key=key, slack=slack,
+                      batch=batch_size)
+    elif optimizer == "lazy":
         # bound[j] >= the current gain of j (stale gains only shrink); -inf marks medoids.
         bound = dist.sums(everyone, min_dist)
         bound[first] = -math.inf
@@ -234,10 +312,88 @@ def facility_location(points: Tensor | GradientProxy, k: int, *, metric: str = "
             take(t, j, float(g[best]))
             free[j] = False
 
+    dist.release()
     medoids_t = torch.tensor(medoids, dtype=torch.long, device=device)
+    if order is not None:  # back to the input's order
+        medoids_t = order[medoids_t]
+        assignment = torch.empty_like(assignment).index_copy_(0, order, assignment)
+        min_dist = torch.empty_like(min_dist).index_copy_(0, order, min_dist)
     gains_t = torch.tensor(gains, dtype=torch.float32, device=device)
     sizes = torch.bincount(assignment, minlength=k)
     return FacilityLocationResult(medoids_t, gains_t, assignment, sizes, min_dist)
+
+
+def _exact_greedy(dist: _Distances, k: int, min_dist: Tensor, assignment: Tensor,
+                  medoids: list[int], gains: list[float], *, key: Tensor | None, slack: float,
+                  batch: int) -> None:
+    """Greedy steps 2..k on the precomputed matrix, keeping every candidate's gain exact.
+
+    When medoid ``j`` is added, only the points ``A = {i : d(i, j) < m_i}`` it takes over
+    change their nearest distance, from ``old_i`` to ``new_i = d(i, j)``; candidate ``c`` then
+    loses ``sum_{i in A} max(0, min(old_i - d(i, c), old_i - new_i))``. Summed over the run,
+    ``|A|`` is a few times ``n`` (each point changes medoid a few times), so keeping all gains
+    exact reads a few ``(n, n)`` matrices' worth of rows, where lazy re-evaluation reads tens of
+    them (stale bounds of near-equal candidates need many rounds). Gains accumulate in float64.
+
+    Two savings on top:
+
+    * ``key`` (ascending, or None): a 1-Lipschitz image of the points on a line,
+      ``|key_i - key_c| <= d(i, c)``. Point ``i`` only changes the gain of candidates with
+      ``|key_c - key_i| < old_i``, so each block of rows of ``A`` reads only the columns of a
+      window of ``key`` (widened by ``slack`` for the rounding of the distances).
+    * The ``batch`` best candidates are taken at once while the sets ``A`` they would take over
+      are disjoint: adding one then leaves the others' gains unchanged (the points that would
+      change them are in their own sets), and every other gain only shrinks, so greedy would
+      pick them next, in this order.
+    """
+    full, n = dist.full, dist.n
+    gain = torch.empty(n, dtype=torch.float64, device=full.device)
+    buf = full.new_empty(dist.block_rows, n)
+    for lo in range(0, n, dist.block_rows):  # gain_c = sum_i max(0, m_i - d(c, i))
+        hi = min(lo + dist.block_rows, n)
+        gain[lo:hi] = torch.sub(min_dist, full[lo:hi], out=buf[:hi - lo]).clamp_(min=0).sum(1)
+    gain[medoids[0]] = -math.inf
+    widen = torch.tensor([-slack, slack], dtype=full.dtype, device=full.device)
+    t = 1
+    while t < k:
+        vals, top = gain.topk(min(batch, k - t))
+        rows = full.index_select(0, top)
+        took = rows < min_dist  # (q, n): the points each candidate would take over
+        union = took.any(0).nonzero().squeeze(1)
+        took = took.index_select(1, union)  # (q, u), u usually far below n
+        q = len(top)
+        if q > 1:  # keep the candidates before the first whose set meets an earlier one's
+            sets = took.to(full.dtype)
+            meets = torch.mm(sets, sets.T).tril_(-1).amax(1) > 0  # (q,) exact counts < 2^24
+            q = int(torch.cat([meets[1:], meets.new_ones(1)]).int().argmax()) + 1
+            vals, top, rows, took = vals[:q], top[:q], rows[:q], took[:q]
+        at, owner = took.T.nonzero().unbind(1)  # sorted by point, i.e. by key
+        point = union.index_select(0, at)
+        new = rows.reshape(-1).index_select(0, owner * n + point)
+        old = min_dist.index_select(0, point)
+        step = _STEP_ROWS
+        blocks = len(point) // step + (len(point) % step > 0)
+        windows = [(0, n)] * blocks
+        if key is not None:  # each block of rows can only change a window of candidates
+            kp = key.index_select(0, point)
+            pad = blocks * step - len(point)
+            lows = torch.nn.functional.pad(kp - old, (0, pad), value=math.inf)
+            highs = torch.nn.functional.pad(kp + old, (0, pad), value=-math.inf)
+            ends = torch.stack([lows.view(blocks, step).amin(1), highs.view(blocks, step).amax(1)])
+            ends = torch.searchsorted(key, ends.add_(widen[:, None]), right=True)
+            windows = ends.T.tolist()
+        for part, o, w, (a, b) in zip(point.split(step), old.unsqueeze(1).split(step),
+                                      new.unsqueeze(1).split(step), windows):
+            block = full.narrow(1, a, b - a).index_select(0, part)  # d(i, c) = d(c, i)
+            block = torch.sub(o, torch.maximum(block, w, out=block), out=block).clamp_(min=0)
+            gain.narrow(0, a, b - a).sub_(block.sum(0))
+        min_dist.index_copy_(0, point, new)
+        assignment.index_copy_(0, point, owner + t)
+        assignment.index_copy_(0, top, torch.arange(t, t + q, device=top.device))
+        gain.index_fill_(0, top, -math.inf)
+        medoids.extend(top.tolist())
+        gains.extend(vals.tolist())
+        t += q
 
 
 def objective(points: Tensor | GradientProxy, medoids: Tensor, *, metric: str = "euclidean",
@@ -252,4 +408,5 @@ def objective(points: Tensor | GradientProxy, medoids: Tensor, *, metric: str = 
         c0 = float(dist.reduce_rows(lambda rows: rows.max(1).values).max())
     parts = medoids.to(pts.device).split(dist.chunk)
     nearest = torch.stack([dist.rows(part).min(0).values for part in parts]).min(0).values
+    dist.release()
     return float((c0 - nearest).sum())
