@@ -1,6 +1,7 @@
 """One EPIC selection round on 50,000 proxies, against apricot-select's facility location.
 
-    python benchmarks/selection.py [--source mnist|synthetic] [--repeats 3] [--out PATH]
+    python benchmarks/selection.py [--source mnist|synthetic] [--repeats 3] [--threads T]
+                                   [--no-apricot] [--no-submodlib] [--out PATH]
     python benchmarks/selection.py --one-class      # one class of 50,000: time and memory
 
 Proxies are ``softmax(z) - onehot(y)`` of a partly trained model: by default a linear model
@@ -11,6 +12,10 @@ with Euclidean distances; both subsets are scored with the same objective
 ``F(S) = sum_i max_{j in S} (c0 - ||g_i - g_j||)``, c0 the largest distance in the class.
 apricot converts squared Euclidean distances to similarities, so a second apricot row runs on
 our exact similarity matrix (``metric="precomputed"``, the matrix's computation timed with it).
+When ``import submodlib`` works (``pip install submodlib-py``; not a dependency of epic), its
+dense facility location with lazy greedy is timed the same two ways; otherwise a note says it
+was skipped. ``--threads`` sets torch's threads (on a machine shared with other jobs, 1 avoids
+the stalls of oversubscribed OpenMP threads).
 """
 
 from __future__ import annotations
@@ -69,11 +74,16 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-apricot", action="store_true", help="time epic only")
+    ap.add_argument("--no-apricot", action="store_true", help="skip apricot")
+    ap.add_argument("--no-submodlib", action="store_true", help="skip submodlib")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's own choice)")
     ap.add_argument("--one-class", action="store_true",
                     help="put every proxy in one class (memory check; epic only, no repeats)")
     ap.add_argument("--out", default=None, help="JSON path (default runs/selection-<time>/)")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     if args.source == "mnist":
         try:
@@ -85,7 +95,7 @@ def main() -> None:
         proxies, labels = synthetic_proxies(args.n, args.seed)
     if args.one_class:
         labels = torch.zeros_like(labels)
-        args.no_apricot, args.repeats = True, 1
+        args.no_apricot, args.no_submodlib, args.repeats = True, True, 1
     classes = labels.unique().tolist()
     per_class = [(labels == c).nonzero().squeeze(1) for c in classes]
     epic = EPIC(subset_fraction=args.fraction, optimizer="lazy")
@@ -119,6 +129,33 @@ def main() -> None:
 
         methods["apricot lazy (euclidean)"] = lambda: run_apricot(False)
         methods["apricot lazy (precomputed)"] = lambda: run_apricot(True)
+    notes = []
+    if not args.no_submodlib:
+        try:
+            from submodlib import FacilityLocationFunction
+        except ImportError as err:
+            notes.append(f"submodlib skipped: cannot import it ({err}); "
+                         "`pip install submodlib-py` to time it too")
+        else:
+            def run_submodlib(precomputed: bool):
+                out = []
+                for i in per_class:
+                    x = proxies[i].double()
+                    k = epic.budget(len(i))
+                    if precomputed:  # our exact objective's similarities, c0 - d
+                        d = pairwise_distances(x, x).numpy()
+                        fl = FacilityLocationFunction(n=len(i), mode="dense",
+                                                      sijs=(d.max() - d).astype(np.float32),
+                                                      separate_rep=False)
+                    else:  # like apricot, similarities from squared Euclidean distances
+                        fl = FacilityLocationFunction(n=len(i), mode="dense", data=x.numpy(),
+                                                      metric="euclidean")
+                    picked = fl.maximize(budget=k, optimizer="LazyGreedy", show_progress=False)
+                    out.append(torch.tensor([j for j, _ in picked], dtype=torch.int64))
+                return out
+
+            methods["submodlib lazy (euclidean)"] = lambda: run_submodlib(False)
+            methods["submodlib lazy (precomputed)"] = lambda: run_submodlib(True)
 
     for name, fn in methods.items():
         times, out = timed(fn, args.repeats, warmup=0 if args.one_class else 1)
@@ -138,8 +175,11 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, mean ± std over {args.repeats} runs")
     print_table(["method", "seconds", "speed-up vs apricot", "objective F(S)",
                  "peak RSS MiB (process so far)"], rows)
+    for note in notes:
+        print(note)
     path = save("selection", {"benchmark": "selection", "config": vars(args),
-                              "env": environment(), "results": results}, args.out)
+                              "env": environment(), "results": results, "notes": notes},
+                args.out)
     print(f"\nwrote {path}")
 
 
