@@ -11,9 +11,11 @@ matrix does not fit, each row sum (a point's total distance, a candidate's gain)
 over cache-sized blocks and never held whole: a greedy step evaluates tens of rows of ``n``
 distances, and with low-dimensional proxies their cost is memory traffic, not arithmetic.
 
-* ``"lazy"``: exact greedy (Minoux's lazy evaluation) in batches: stale gains are upper bounds
-  (submodularity); each step re-evaluates the stale top of the bound vector together, in one
-  matrix operation, until the best bound is a fresh gain.
+* ``"lazy"``: exact greedy. With the matrix in memory, every candidate's gain is kept exact by
+  incremental updates (see :func:`_exact_greedy`): the points a new medoid takes over change
+  the gains of nearby candidates only. Otherwise Minoux's lazy evaluation in batches: stale
+  gains are upper bounds (submodularity); each step re-evaluates the stale top of the bound
+  vector together, in one matrix operation, until the best bound is a fresh gain.
 * ``"stochastic"``: stochastic greedy (Mirzasoleiman et al. 2015): each step evaluates a seeded
   random sample of ``(n / k) log(1 / epsilon)`` candidates; ``1 - 1/e - epsilon`` in expectation.
 
@@ -47,6 +49,9 @@ _BLOCK_ROWS = 256
 _SPARE_MB = 512
 # Rows of the exact greedy's update read together (each block reads a window of columns).
 _STEP_ROWS = 64
+# Top candidates the exact greedy examines at once: more rows cost more than the extra
+# disjoint picks save (8 vs 16: ~7% faster on 5,000 MNIST proxies).
+_TAKE_MAX = 8
 _spare: list[Tensor] = []
 
 
@@ -218,7 +223,9 @@ def facility_location(points: Tensor | GradientProxy, k: int, *, metric: str = "
         optimizer: ``"lazy"`` (exact greedy), ``"stochastic"``, or ``"auto"`` (stochastic when
             ``n > stochastic_above``).
         epsilon: stochastic greedy's accuracy parameter.
-        batch_size: candidates re-evaluated together in one lazy step.
+        batch_size: candidates re-evaluated together in one lazy step; on the precomputed
+            matrix, at most ``min(batch_size, 8)`` best candidates are taken at once when the
+            points they would take over are disjoint (the same picks, in fewer steps).
         memory_mb: bound on the distance block held at once; the full (n, n) matrix is
             precomputed only when it takes at most half of it.
         stochastic_above: the ``"auto"`` threshold.
@@ -277,7 +284,7 @@ def facility_location(points: Tensor | GradientProxy, k: int, *, metric: str = "
         # the sum is at most ~(d + 2) eps 4 max|x|^2 (a dozen terms), its square root ~7x this
         slack = 8 * math.sqrt(torch.finfo(dist.sq.dtype).eps) * float(dist.sq.max().sqrt())
         _exact_greedy(dist, k, min_dist, assignment, medoids, gains, key=key, slack=slack,
-                      batch=batch_size)
+                      batch=min(batch_size, _TAKE_MAX))
     elif optimizer == "lazy":
         # bound[j] >= the current gain of j (stale gains only shrink); -inf marks medoids.
         bound = dist.sums(everyone, min_dist)
