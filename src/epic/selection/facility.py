@@ -355,7 +355,7 @@ def _exact_greedy(dist: _Distances, k: int, min_dist: Tensor, assignment: Tensor
     """
     full, n = dist.full, dist.n
     gain = torch.empty(n, dtype=torch.float64, device=full.device)
-    buf = full.new_empty(dist.block_rows, n)
+    buf = full.new_empty(min(dist.block_rows, n), n)
     for lo in range(0, n, dist.block_rows):  # gain_c = sum_i max(0, m_i - d(c, i))
         hi = min(lo + dist.block_rows, n)
         gain[lo:hi] = torch.sub(min_dist, full[lo:hi], out=buf[:hi - lo]).clamp_(min=0).sum(1)
