@@ -82,8 +82,6 @@ def main() -> None:
                     help="put every proxy in one class (memory check; epic only, no repeats)")
     ap.add_argument("--out", default=None, help="JSON path (default runs/selection-<time>/)")
     args = ap.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
 
     if args.source == "mnist":
         try:
@@ -157,6 +155,8 @@ def main() -> None:
             methods["submodlib lazy (euclidean)"] = lambda: run_submodlib(False)
             methods["submodlib lazy (precomputed)"] = lambda: run_submodlib(True)
 
+    if args.threads is not None:  # after the imports: importing apricot resets torch's threads
+        torch.set_num_threads(args.threads)
     for name, fn in methods.items():
         times, out = timed(fn, args.repeats, warmup=0 if args.one_class else 1)
         if not isinstance(out, list):  # a SelectionResult: global medoids -> per-class positions
