@@ -48,8 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, print_table, save  # noqa: E402
 from epic.data import ImageTensors, dataset_info, load_split  # noqa: E402
 from epic.defenses import create_defense  # noqa: E402
+from epic.evaluation import RunConfig  # noqa: E402
+from epic.evaluation import build_model as run_model  # noqa: E402
 from epic.evaluation.bench import default_data_root  # noqa: E402
-from epic.models import create_model  # noqa: E402
 from epic.training import TrainConfig, Trainer  # noqa: E402
 
 TARGET = 0.10  # the issue's bound on EPIC's end-to-end overhead at 40 epochs
@@ -85,16 +86,10 @@ def synthetic_split(args: argparse.Namespace, n: int, offset: int) -> ImageTenso
 
 
 def build_model(args: argparse.Namespace, train) -> torch.nn.Module:
-    info = dataset_info(args.dataset)
-    channels, height, width = (int(s) for s in train.images.shape[1:])
-    mean = list(info.mean) if len(info.mean) == channels else [0.5] * channels
-    std = list(info.std) if len(info.std) == channels else [0.5] * channels
-    extra: dict[str, Any] = {"width": args.width}
-    if args.model == "mlp":
-        extra["image_size"] = [height, width]
+    """The library's model for ``--model`` / ``--width`` on ``train`` (the dataset's
+    normalisation inside), initialised from ``--seed``."""
     torch.manual_seed(args.seed)
-    return create_model(args.model, num_classes=train.num_classes, in_channels=channels,
-                        mean=mean, std=std, **extra)
+    return run_model(RunConfig(dataset=args.dataset, model=args.model, width=args.width), train)
 
 
 def train_config(args: argparse.Namespace, epochs: int) -> TrainConfig:
