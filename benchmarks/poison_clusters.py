@@ -21,12 +21,55 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, print_table, save  # noqa: E402
-from epic.evaluation import RunConfig, load_bench_config, prepare_data  # noqa: E402
-from epic.evaluation.bench import default_data_root  # noqa: E402
-from epic.evaluation.run import _resolved_train_config, build_model  # noqa: E402
-from epic.selection import gradient_proxy  # noqa: E402
-from epic.selection.facility import facility_location  # noqa: E402
-from epic.training import Trainer  # noqa: E402
+from epic.data import dataset_info  # noqa: E402
+from epic.evaluation import RunConfig, build_model, load_bench_config, prepare_data  # noqa: E402
+from epic.evaluation.bench import TRAIN_KEYS, default_data_root  # noqa: E402
+from epic.selection import facility_location, gradient_proxy  # noqa: E402
+from epic.training import Callback, TrainConfig, Trainer  # noqa: E402
+
+
+class _Done(Exception):
+    """Raised by :class:`Clusters` after the last chosen epoch: the rest is not needed."""
+
+
+class Clusters(Callback):
+    """Before each chosen epoch (and after the last one), clusters the poison class's gradient
+    proxies as one EPIC round would, for each budget, without dropping anything."""
+
+    def __init__(self, members: torch.Tensor, poison: torch.Tensor, target_label: int,
+                 epochs: list[int], fractions: list[float]) -> None:
+        self.members, self.poison, self.target_label = members, poison, target_label
+        self.epochs, self.fractions = sorted(set(epochs)), fractions
+        self.rows: list[dict] = []
+
+    def on_epoch_start(self, trainer, epoch: int) -> None:
+        if epoch in self.epochs:
+            self.measure(trainer, epoch)
+        if epoch >= self.epochs[-1]:
+            raise _Done
+
+    def on_train_end(self, trainer) -> None:
+        if trainer.config.epochs in self.epochs:
+            self.measure(trainer, trainer.config.epochs)
+
+    def measure(self, trainer, epoch: int) -> None:
+        members, poison = self.members, self.poison
+        logits, _ = trainer.predict(members, amp=False)
+        g = gradient_proxy(logits, trainer.labels.index_select(
+            0, members.to(trainer.labels.device))).vectors
+        for frac in self.fractions:
+            k = max(1, round(frac * len(members)))
+            res = facility_location(g, k, optimizer="lazy")
+            sizes = res.cluster_sizes[res.assignment]  # each point's cluster size
+            hit = res.assignment[poison].unique()
+            shared = torch.isin(res.assignment, hit) & ~poison
+            self.rows.append({
+                "epoch": epoch, "fraction": frac, "medoids": k, "poison_clusters": len(hit),
+                "clean_in_poison_clusters": int(shared.sum()),
+                "poison_singletons": int((poison & (sizes <= 1)).sum()),
+                "clean_singletons": int((~poison & (sizes <= 1)).sum()),
+                "poison_pred_target": int((logits[poison].argmax(1).cpu()
+                                           == self.target_label).sum())})
 
 
 def main() -> None:
@@ -35,7 +78,9 @@ def main() -> None:
     ap.add_argument("--attack", default="bullseye-polytope")
     ap.add_argument("--trial", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, nargs="+", default=[1, 3, 8])
+    ap.add_argument("--epochs", type=int, nargs="+", default=[1, 3, 8],
+                    help="epochs before which to cluster (past the victim's last epoch, its "
+                         "run and learning-rate schedule are lengthened)")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -43,45 +88,34 @@ def main() -> None:
     bench = Path(args.bench)
     cfg = load_bench_config(bench / "config.yaml")
     victim = cfg.victims[0]
-    train = {k: victim[k] for k in ("scenario", "epochs", "lr", "weight_decay", "batch_size")
-             if k in victim}
+    train = {k: victim[k] for k in TRAIN_KEYS if k in victim}
+    train["epochs"] = max(train.get("epochs", TrainConfig.epochs), max(args.epochs))
+    if train.get("augment") is None:
+        train["augment"] = dataset_info(cfg.dataset).augmentation
+    train.update(eval_every=0, progress=False)
     run = RunConfig(dataset=cfg.dataset, data_root=cfg.data_root or default_data_root(
         cfg.dataset), defense="none", train_slice=cfg.train_slice,
         poisons=str(bench / "poisons" / args.attack / f"seed{args.seed}" /
                     f"trial-{args.trial:03d}" / "poisons.npz"),
-        checkpoint=str(bench / "surrogates" / f"seed{args.seed}.pt"),
-        train={**train, "eval_every": 0, "progress": False})
+        checkpoint=str(bench / "surrogates" / f"seed{args.seed}.pt"))
     data = prepare_data(run)
-    trainer = Trainer(build_model(run, data["train"]), data["train"],
-                      config=_resolved_train_config(run), poison_mask=data["poison_mask"])
     adv = data["poisons"].adv_label
-    members = (trainer.labels.cpu() == adv).nonzero().squeeze(1)
+    members = (data["train"].labels == adv).nonzero().squeeze(1)
     poison = data["poison_mask"][members]
-    rows, table = [], []
-    for epoch in range(max(args.epochs) + 1):
-        if epoch in args.epochs:
-            logits, _ = trainer.predict(members)
-            g = gradient_proxy(logits, trainer.labels.index_select(
-                0, members.to(trainer.labels.device))).vectors
-            for frac in args.fractions:
-                k = max(1, round(frac * len(members)))
-                res = facility_location(g, k, optimizer="lazy")
-                sizes = res.cluster_sizes[res.assignment]  # each point's cluster size
-                hit = res.assignment[poison].unique()
-                shared = torch.isin(res.assignment, hit) & ~poison
-                row = {"epoch": epoch, "fraction": frac, "medoids": k,
-                       "poison_clusters": len(hit), "clean_in_poison_clusters": int(shared.sum()),
-                       "poison_singletons": int((poison & (sizes <= 1)).sum()),
-                       "clean_singletons": int((~poison & (sizes <= 1)).sum()),
-                       "poison_pred_target": int((logits[poison].argmax(1).cpu()
-                                                  == data["poisons"].target_label).sum())}
-                rows.append(row)
-                table.append([epoch, frac, k, row["poison_clusters"],
-                              row["clean_in_poison_clusters"], row["poison_singletons"],
-                              row["clean_singletons"], row["poison_pred_target"]])
-        if epoch < max(args.epochs):
-            trainer._train_epoch(epoch)
-            trainer.scheduler.step()
+    clusters = Clusters(members, poison, data["poisons"].target_label, args.epochs,
+                        args.fractions)
+    torch.manual_seed(args.seed)  # the new head's initialisation
+    trainer = Trainer(build_model(run, data["train"]), data["train"], callbacks=[clusters],
+                      config=TrainConfig(**train),
+                      poison_mask=data["poison_mask"])
+    try:
+        trainer.fit(resume=False)
+    except _Done:
+        pass
+    rows = clusters.rows
+    table = [[r["epoch"], r["fraction"], r["medoids"], r["poison_clusters"],
+              r["clean_in_poison_clusters"], r["poison_singletons"], r["clean_singletons"],
+              r["poison_pred_target"]] for r in rows]
     print(f"class {adv}: {len(members)} images, {int(poison.sum())} poisons "
           f"(target {data['poisons'].target_index}, class {data['poisons'].target_label})")
     print_table(["epoch", "fraction", "medoids", "clusters with poisons",
