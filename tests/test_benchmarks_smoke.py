@@ -1,15 +1,19 @@
-"""Smoke runs of the scaling and throughput benchmarks: they finish and write the expected JSON."""
+"""Smoke runs of the speed benchmarks and diagnostics in ``benchmarks/``: they finish and write
+the expected JSON (tiny sizes; the diagnostics read small ``epic bench`` folders on digits)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from epic.evaluation import load_bench_config, read_results, run_bench
 from epic.evaluation.bench import default_data_root
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +79,60 @@ def test_train_throughput_quick(tmp_path):
     assert set(overhead) == {"wall", "selection_only", "target", "meets_target"}
     assert overhead["selection_only"] == pytest.approx(
         epic["selection_seconds"] / none["wall_seconds"])
+
+
+def test_benchmarks_use_public_trainer_api():
+    for path in (ROOT / "benchmarks").glob("*.py"):
+        assert not re.search(r"\btrainer\._\w", path.read_text()), path.name
+
+
+@pytest.fixture(scope="module")
+def proxy_pass_bench(tmp_path_factory) -> Path:
+    """configs/cpu-digits-proxy-pass.yaml shrunk: one target, a few epochs and steps."""
+    raw = yaml.safe_load((ROOT / "configs" / "cpu-digits-proxy-pass.yaml").read_text())
+    raw.update(trials=1, seeds=[0])
+    raw["surrogate"]["epochs"] = 2
+    raw["victim"]["epochs"] = 5
+    raw["attacks"][0]["options"]["steps"] = 2
+    out = tmp_path_factory.mktemp("proxy-pass")
+    run_bench(load_bench_config(raw), out, progress=False)
+    return out
+
+
+def test_proxy_pass_config_runs_both_passes(proxy_pass_bench):
+    rows = {r["defense"]: r for r in read_results(proxy_pass_bench)}
+    assert set(rows) == {"none", "epic-0.1-separate", "epic-0.1-training"}
+    for label in ("epic-0.1-separate", "epic-0.1-training"):
+        assert rows[label]["config"]["defense_options"]["proxy_pass"] == label.split("-")[-1]
+        assert rows[label]["summary"]["defense_summary"]["rounds"] >= 1
+        assert rows[label]["summary"]["defense_summary"]["selection_seconds"] > 0
+
+
+def test_gm_alignment_reads_a_bench_folder(proxy_pass_bench, tmp_path):
+    data = run_script("gm_alignment.py", tmp_path, "--bench", str(proxy_pass_bench))
+    assert data["benchmark"] == "gm_alignment"
+    assert data["config"]["attack"] == "gradient-matching" and data["config"]["seed"] == 0
+    (r,) = data["results"]
+    assert r["trial"] == 0
+    for model in ("surrogate", "victim"):
+        assert 0 <= r[f"{model}_poisons"] <= 2 and 0 <= r[f"{model}_bases"] <= 2
+        assert 0 <= r[f"{model}_p_adv"] <= 1
+
+
+def test_poison_clusters_reads_a_transfer_bench(tmp_path):
+    cfg = load_bench_config({
+        "name": "tiny-transfer", "dataset": "digits", "trials": 1,
+        "surrogate": {"model": "convnet", "epochs": 2, "lr": 0.05, "batch_size": 64},
+        "victim": {"scenario": "transfer", "epochs": 4, "lr": 0.1, "batch_size": 64,
+                   "eval_every": 0},
+        "attacks": [{"name": "bullseye-polytope", "num_poisons": 5, "eps": 128,
+                     "options": {"steps": 2}}],
+        "defenses": ["none"]})
+    run_bench(cfg, tmp_path / "bench", progress=False)
+    data = run_script("poison_clusters.py", tmp_path, "--bench", str(tmp_path / "bench"),
+                      "--epochs", "0", "2", "--fractions", "0.1", "0.3")
+    assert data["benchmark"] == "poison_clusters"
+    assert [(r["epoch"], r["fraction"]) for r in data["rows"]] == [
+        (0, 0.1), (0, 0.3), (2, 0.1), (2, 0.3)]
+    for r in data["rows"]:
+        assert 1 <= r["poison_clusters"] <= 5 and 0 <= r["poison_singletons"] <= 5
