@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from epic._callback import TrainingParts
 from epic._errors import EpicError
 from epic.defenses import DPSGD, FriendlyNoise, create_defense, list_defenses
 from epic.defenses.friendly_noise import friendly_perturbation
@@ -128,13 +129,15 @@ def dp_batch(train, defense):
     trainer = Trainer(tiny_model(), train, config=TrainConfig(epochs=1, **FAST),
                       callbacks=[defense])
     defense.on_train_start(trainer)
+    parts = defense.configure_training(trainer, TrainingParts(
+        trainer.model, trainer.train_module, trainer.optimizer))  # wrapped, Opacus style
     x = train.images[:64].float() / 255
-    loss = F.cross_entropy(trainer.train_module(x), train.labels[:64])
-    trainer.optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(parts.module(x), train.labels[:64])
+    parts.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    params = trainer.optimizer.params
+    params = parts.optimizer.params
     plain = torch.cat([p.grad.flatten() for p in params])
-    trainer.optimizer.pre_step()  # clip per example, add noise, average
+    parts.optimizer.pre_step()  # clip per example, add noise, average
     return plain, torch.cat([p.grad.flatten() for p in params])
 
 
@@ -224,12 +227,14 @@ def test_friendly_noise_stays_within_its_budgets(digits, pretrained, noise):
                       config=TrainConfig(epochs=1, **FAST), callbacks=[defense])
     defense.on_train_start(trainer)
     defense.on_epoch_start(trainer, 0)
+    images = defense.training_images(trainer, 0)  # handed to the trainer, once
+    assert defense.training_images(trainer, 0) is None
     assert torch.equal(train.images, original)  # the split itself is not modified
-    shift = trainer.images.to(torch.int16) - original.to(torch.int16)
+    shift = images.to(torch.int16) - original.to(torch.int16)
     assert int(shift.abs().max()) <= 8 and float(shift.float().abs().mean()) > 0
     assert torch.equal(shift.to(torch.int8), defense.delta)
     idx = torch.arange(200)
-    x = trainer.images[idx].float() / 255
+    x = images[idx].float() / 255
     out = defense.transform_batch(trainer, idx, x)
     assert out.min() >= 0 and out.max() <= 1
     assert (out - original[idx].float() / 255).abs().max() <= (8 + 4) / 255 + 1e-6

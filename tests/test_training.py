@@ -162,7 +162,7 @@ def test_training_pass_reuses_the_epochs_logits_and_predicts_only_the_dropped(di
     # inference ran on the ones dropped before that epoch only (none before round 1)
     dropped_before = [0] + [len(train) - r["kept"] for r in rounds[:-1]]
     assert calls == [d for d in dropped_before if d]
-    assert trainer.epoch_logits is None and not trainer.record_logits  # nothing after stop
+    assert defense._recorded == []  # nothing recorded after the last round
     with pytest.raises(EpicError, match="proxy_pass='training'"):
         create_defense("epic", proxy="last-layer", proxy_pass="training")
 
@@ -233,3 +233,14 @@ def test_corrupt_checkpoint_gives_a_clear_error(digits, tmp_path):
                       out_dir=tmp_path)
     with pytest.raises(EpicError, match="cannot resume"):
         trainer.fit()
+
+
+def test_resuming_with_other_defenses_names_both(digits, tmp_path):
+    cfg = TrainConfig(epochs=2, **FAST)
+    Trainer(small_model(), digits[0], config=cfg, out_dir=tmp_path,
+            callbacks=[EpicDefense(warmup=1)]).fit()
+    other = Trainer(small_model(), digits[0], config=TrainConfig(epochs=3, **FAST),
+                    out_dir=tmp_path, callbacks=[create_defense("random-drop", count=3)])
+    with pytest.raises(EpicError, match=r"written with the defense\(s\) \['epic'\], this run "
+                                        r"has \['random-drop'\]"):
+        other.fit()

@@ -1,44 +1,144 @@
-"""The hooks a trainer calls, by name and in list order (Lightning style).
+"""The seam between the training loop and the callbacks (defenses) it calls.
 
 Plumbing shared by `training` (which calls the hooks) and `defenses` (which implement them),
-so that neither imports the other.
+so that neither imports the other. A callback sees the trainer only through
+:class:`TrainerView`, receives what a hook needs as its arguments, and never assigns to the
+trainer: objects it changes (the trained module, the optimizer, the training images) are
+returned from a hook, wrapped (the way Opacus' ``make_private`` does), and the trainer puts
+them in place.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-__all__ = ["Callback"]
+import torch
+from torch import Tensor, nn
+
+__all__ = ["BatchEnd", "Callback", "TrainerView", "TrainingParts"]
+
+
+class TrainerView(Protocol):
+    """What a callback may use of the trainer.
+
+    Attributes:
+        config: the run's :class:`~epic.training.TrainConfig` (read only).
+        device: where the model and the training data live.
+        labels: (N,) int64 training labels on the device (poisons included).
+        active: (N,) bool CPU mask of the examples trained on.
+        poison_mask: (N,) bool CPU mask of the poisons, for scoring only, or ``None``.
+        images: the uint8 (N, C, H, W) training images on the device, or ``None`` when they
+            are streamed from files.
+        memory_format: the memory format of the model's inputs.
+        model: the network being trained (read only; e.g. to optimise inputs against it).
+    """
+
+    config: Any
+    device: torch.device
+    labels: Tensor
+    active: Tensor
+    poison_mask: Tensor | None
+    images: Tensor | None
+    memory_format: torch.memory_format
+    model: nn.Module
+
+    def predict(self, indices: Tensor | None = None, *, images: Tensor | None = None,
+                features: bool = False, layer: str | None = None,
+                amp: bool = True) -> tuple[Tensor, Tensor | None]: ...
+
+    def set_active(self, mask: Tensor) -> None: ...
+
+    def log_event(self, kind: str, **fields: Any) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class TrainingParts:
+    """What a training step uses, as :meth:`Callback.configure_training` receives and returns it.
+
+    Attributes:
+        model: the whole network; its ``state_dict`` is what checkpoints hold.
+        module: what the batch loop calls (``model``, or the linear head in transfer).
+        optimizer: steps ``module``'s parameters.
+    """
+
+    model: nn.Module
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+@dataclass(frozen=True)
+class BatchEnd:
+    """One finished optimiser step, as :meth:`Callback.on_batch_end` receives it.
+
+    Attributes:
+        epoch: the 0-based epoch.
+        step: the step within the epoch.
+        indices: (B,) training-set indices of this process's examples, on the device.
+        logits: (B, K) their float32 logits from the training step (augmented, train mode).
+        loss: the step's mean loss.
+    """
+
+    epoch: int
+    step: int
+    indices: Tensor
+    logits: Tensor
+    loss: float
 
 
 class Callback:
-    """Base class with no-op hooks; subclasses override what they need.
+    """Base class with no-op hooks; subclasses override what they need (Lightning style).
 
-    Every hook gets the trainer first. State that must survive a resume goes through
-    :meth:`state_dict` / :meth:`load_state_dict` (plain containers and tensors only).
+    The trainer calls the hooks by name, in list order. State that must survive a resume goes
+    through :meth:`state_dict` / :meth:`load_state_dict` (plain containers and tensors only),
+    saved under :attr:`state_key`.
+
+    Attributes:
+        needs_images: the callback works on the training images held in memory (it cannot
+            run on a streamed split).
     """
 
-    state_key: str = ""
+    needs_images: bool = False
 
-    def on_train_start(self, trainer: Any) -> None:
-        """Called once before training, and before a checkpoint and the callbacks' own state
-        are restored on resume (so a callback may swap layers or the optimizer here)."""
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's state in a checkpoint (its name, else its class)."""
+        return str(getattr(self, "name", "") or type(self).__name__)
 
-    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
+        """Called once before training (before a checkpoint is restored on resume)."""
+
+    def configure_training(self, trainer: TrainerView, parts: TrainingParts) -> TrainingParts:
+        """Return the model, module and optimizer to train with, wrapped if the callback
+        changes the step (e.g. per-example clipping). Called after :meth:`on_train_start`
+        and before a checkpoint is restored into them. Default: unchanged."""
+        return parts
+
+    def release_training(self, trainer: TrainerView, parts: TrainingParts) -> TrainingParts:
+        """Undo :meth:`configure_training` after the last epoch. Default: unchanged."""
+        return parts
+
+    def on_epoch_start(self, trainer: TrainerView, epoch: int) -> None:
         """Called at the start of every epoch, before its batches."""
 
-    def transform_batch(self, trainer: Any, indices: Any, inputs: Any) -> Any:
+    def training_images(self, trainer: TrainerView, epoch: int) -> Tensor | None:
+        """Return new uint8 (N, C, H, W) training images to train on from this epoch on
+        (the trainer recomputes its feature cache in transfer), or ``None`` to keep them.
+        Called after :meth:`on_epoch_start`."""
+        return None
+
+    def transform_batch(self, trainer: TrainerView, indices: Tensor, inputs: Tensor) -> Tensor:
         """Return the training inputs of the batch of training-set ``indices`` (after
         augmentation; cached features in transfer). Default: unchanged."""
         return inputs
 
-    def on_batch_end(self, trainer: Any, epoch: int, step: int, loss: float) -> None:
+    def on_batch_end(self, trainer: TrainerView, batch: BatchEnd) -> None:
         """Called after every optimiser step."""
 
-    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, epoch: int, metrics: dict[str, Any]) -> None:
         """Called after an epoch's evaluation; ``metrics`` may be extended in place."""
 
-    def on_train_end(self, trainer: Any) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         """Called once after the last epoch."""
 
     def state_dict(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ owns the loop; the defense decides which examples stay active (filters) or chang
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -13,8 +14,8 @@ import torch
 from .._callback import Callback
 from .._registry import Registry
 
-__all__ = ["DEFENSES", "DefenseCallback", "NoDefense", "create_defense", "drop_record",
-           "list_defenses", "register_defense"]
+__all__ = ["DEFENSES", "DefenseCallback", "DropDefense", "NoDefense", "create_defense",
+           "drop_record", "list_defenses", "register_defense"]
 
 DEFENSES: Registry[DefenseCallback] = Registry("defense")
 
@@ -37,13 +38,11 @@ def list_defenses(pattern: str = "*") -> list[str]:
 class DefenseCallback(Callback):
     """Base class of defenses: no-op hooks, plus a summary for the run's results.
 
-    Attributes:
-        needs_images: the defense works on the whole training set in memory (it cannot run
-            on a streamed split).
+    A defense declares what it needs (``needs_images``: the training images in memory) and
+    sees the trainer through :class:`~epic._callback.TrainerView`.
     """
 
     name: str = "defense"
-    needs_images: bool = False
 
     def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
         """Return the uint8 (N, C, H, W) training images to train on, before the trainer is
@@ -73,3 +72,40 @@ def drop_record(trainer: Any, keep: torch.Tensor, **fields: Any) -> dict[str, An
         record["poisons_total"] = int(poison.sum())
         record["clean_dropped"] = int((~poison & ~keep).sum())
     return record
+
+
+class DropDefense(DefenseCallback):
+    """Base class of defenses that drop training examples (EPIC, the filters): the records of
+    their rounds, the dropped set, the summary and the state a resume restores."""
+
+    event: str = "selection"  # the kind of the rounds' events in the run's log
+
+    def __init__(self) -> None:
+        self.rounds: list[dict[str, Any]] = []
+        self.dropped = torch.empty(0, dtype=torch.long)
+
+    def _drop(self, trainer: Any, keep: torch.Tensor, *, epoch: int, started: float,
+              log: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+        """Train on ``keep`` from now on and record the round that began at ``started``
+        (``time.perf_counter()``) at the start of ``epoch``; returns the record."""
+        before = trainer.active
+        trainer.set_active(keep)  # distributed: rank 0's mask, broadcast to every rank
+        keep = trainer.active
+        self.dropped = (~keep).nonzero().squeeze(1)
+        record = drop_record(trainer, keep, epoch=epoch + 1, **fields,
+                             dropped_this_round=int((before & ~keep).sum()))
+        record["seconds"] = time.perf_counter() - started
+        self.rounds.append(record)
+        trainer.log_event(self.event, **(log or {}), **record)
+        return record
+
+    def summary(self) -> dict[str, Any]:
+        return {"rounds": len(self.rounds), "dropped": int(self.dropped.numel()),
+                "selection_seconds": sum(r["seconds"] for r in self.rounds)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "dropped": self.dropped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rounds = list(state["rounds"])
+        self.dropped = state["dropped"].cpu()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._callback import TrainingParts
 from .._errors import EpicError
 from .base import DefenseCallback, register_defense
 
@@ -67,8 +68,9 @@ class DPSGD(DefenseCallback):
     weights and statistics are lost when fine-tuning). ``inplace`` activations are switched
     off (Opacus's backward hooks forbid modifying a hooked layer's output in place); a model
     that does so in its own ``forward`` (torchvision's ResNets, ``out += identity``) is
-    rejected with an error. After the fix, ``trainer.model`` is the fixed model, so checkpoints
-    and the final model hold group-norm weights; a resume applies the same fix before loading.
+    rejected with an error. The fixed model is returned to the trainer (``configure_training``,
+    Opacus style), so checkpoints and the final model hold group-norm weights; a resume applies
+    the same fix before loading.
 
     The noise is drawn from a generator on the trainer's device seeded from ``config.seed``
     (not the trainer's own generator); its state is saved with the checkpoint, so a resumed
@@ -94,69 +96,75 @@ class DPSGD(DefenseCallback):
         self.generator: torch.Generator | None = None
         self._pending_generator: torch.Tensor | None = None
 
-    def on_train_start(self, trainer: Any) -> None:
+    def configure_training(self, trainer: Any, parts: TrainingParts) -> TrainingParts:
+        """Return the model (batch norm fixed for Opacus), the trained module wrapped in a
+        ``GradSampleModule`` and the optimizer wrapped in a ``DPOptimizer``."""
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
         from opacus.validators import ModuleValidator
 
-        if isinstance(trainer.optimizer, DPOptimizer):  # fit() called again: already wrapped
-            return
-        if trainer.scaler.is_enabled():  # scaled gradients would be clipped at the wrong norm
+        if isinstance(parts.optimizer, DPOptimizer):  # fit() called again: already wrapped
+            return parts
+        cfg = trainer.config
+        if cfg.amp and cfg.amp_dtype == "float16" and trainer.device.type == "cuda":
+            # scaled gradients would be clipped at the wrong norm
             raise EpicError("dp-sgd does not support amp_dtype=float16 (loss scaling); use "
                             "amp_dtype=bfloat16 or amp=False")
-        cfg = trainer.config
-        if trainer.cache is None:  # scratch or fine-tune: the whole model is trained
-            trainer.model.train()  # Opacus validates modules in training mode
-            if not ModuleValidator.is_valid(trainer.model):
-                before = dict(trainer.model.named_modules())
-                fixed = ModuleValidator.fix(trainer.model)  # a copy, group norm for batch norm
+        model = parts.model
+        if cfg.scenario != "transfer":  # scratch or fine-tune: the whole model is trained
+            model.train()  # Opacus validates modules in training mode
+            if not ModuleValidator.is_valid(model):
+                before = dict(model.named_modules())
+                fixed = ModuleValidator.fix(model)  # a copy, group norm for batch norm
                 fixed.to(trainer.device, memory_format=trainer.memory_format)
                 self.replaced = [name for name, module in fixed.named_modules()
                                  if name in before and type(module) is not type(before[name])]
-                _move_optimizer(trainer.optimizer, trainer.model, fixed)
-                trainer.model = fixed
-            for module in trainer.model.modules():
+                _move_optimizer(parts.optimizer, model, fixed)
+                model = fixed
+            for module in model.modules():
                 if getattr(module, "inplace", None) is True:
                     module.inplace = False
-            target: nn.Module = trainer.model
+            target: nn.Module = model
         else:  # transfer: only the head is trained, on cached features
-            target = trainer.head.train()
+            target = parts.module.train()
         errors = ModuleValidator.validate(target, strict=False)
         if errors:
             raise EpicError(f"dp-sgd cannot compute per-example gradients of "
                             f"{type(target).__name__}: {errors[0]}; use another model")
         wrapped = GradSampleModule(target, batch_first=True, loss_reduction="mean")
-        if trainer.cache is None:
-            self._probe(trainer, wrapped)
-        trainer.train_module = wrapped
+        if cfg.scenario != "transfer":
+            self._probe(trainer, model, wrapped)
         self.generator = torch.Generator(device=trainer.device).manual_seed(cfg.seed + 1)
         if self._pending_generator is not None:
             self.generator.set_state(self._pending_generator)
             self._pending_generator = None
-        trainer.optimizer = DPOptimizer(trainer.optimizer, noise_multiplier=self.noise_multiplier,
-                                        max_grad_norm=self.max_grad_norm,
-                                        expected_batch_size=cfg.batch_size,
-                                        loss_reduction="mean", generator=self.generator)
+        optimizer = DPOptimizer(parts.optimizer, noise_multiplier=self.noise_multiplier,
+                                max_grad_norm=self.max_grad_norm,
+                                expected_batch_size=cfg.batch_size,
+                                loss_reduction="mean", generator=self.generator)
         trainer.log_event("dp-sgd", noise_multiplier=self.noise_multiplier,
                           max_grad_norm=self.max_grad_norm, replaced_layers=self.replaced)
+        return TrainingParts(model, wrapped, optimizer)
 
-    def on_train_end(self, trainer: Any) -> None:
-        """Unwrap: after training, ``trainer.model`` has no Opacus hooks and the optimizer is
-        the plain one again (a later backward pass, e.g. by an attack, works as usual)."""
+    def release_training(self, trainer: Any, parts: TrainingParts) -> TrainingParts:
+        """Unwrap: after training the module has no Opacus hooks and the optimizer is the
+        plain one again (a later backward pass, e.g. by an attack, works as usual)."""
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
-        if isinstance(trainer.train_module, GradSampleModule):
-            trainer.train_module.remove_hooks()
-            trainer.train_module = trainer.train_module._module
-        if isinstance(trainer.optimizer, DPOptimizer):
-            for p in trainer.optimizer.params:
+        module, optimizer = parts.module, parts.optimizer
+        if isinstance(module, GradSampleModule):
+            module.remove_hooks()
+            module = module._module
+        if isinstance(optimizer, DPOptimizer):
+            for p in optimizer.params:
                 p.grad_sample = None
                 p.summed_grad = None
-            trainer.optimizer = trainer.optimizer.original_optimizer
+            optimizer = optimizer.original_optimizer
+        return TrainingParts(parts.model, module, optimizer)
 
     @staticmethod
-    def _probe(trainer: Any, wrapped: nn.Module) -> None:
+    def _probe(trainer: Any, model: nn.Module, wrapped: nn.Module) -> None:
         """One forward and backward pass on two examples, so that a model which modifies a
         hooked layer's output in place fails here with a clear message, not mid-epoch."""
         x = trainer.images[:2].float().div(255.0)
@@ -168,7 +176,7 @@ class DPSGD(DefenseCallback):
             except RuntimeError as err:
                 if "inplace" not in str(err):
                     raise
-                net = getattr(trainer.model, "net", trainer.model)  # inside Normalized
+                net = getattr(model, "net", model)  # inside Normalized
                 kind = f"{type(net).__module__}.{type(net).__qualname__}"
                 raise EpicError(f"dp-sgd: the model ({kind}) modifies a layer's output in "
                                 "place (e.g. `out += identity`), which Opacus's "

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 
 from .. import _distributed as dist
+from .._callback import BatchEnd
 from .._errors import EpicError
 from .._validation import check_choice
 from ..selection import EPIC, GradientProxy, SelectionSchedule, gradient_proxy
-from .base import DefenseCallback, drop_record, register_defense
+from .base import DropDefense, register_defense
 
 __all__ = ["EpicDefense", "PROXIES", "PROXY_PASSES"]
 
@@ -27,7 +28,7 @@ PROXY_PASSES = ("separate", "training")
 
 
 @register_defense("epic")
-class EpicDefense(DefenseCallback):
+class EpicDefense(DropDefense):
     """Drop isolated medoids of each class in gradient space during training.
 
     Args:
@@ -61,6 +62,7 @@ class EpicDefense(DefenseCallback):
                  proxy: str = "logits", metric: str = "euclidean", permanent: bool = True,
                  optimizer: str = "auto", seed: int = 0, record_proxies: bool = False,
                  proxy_pass: str = "separate") -> None:
+        super().__init__()
         self.epic = EPIC(subset_fraction=subset_fraction, cluster_threshold=cluster_threshold,
                          metric=metric, optimizer=optimizer, seed=seed)
         self.proxy = check_choice("proxy", proxy, PROXIES)
@@ -71,10 +73,11 @@ class EpicDefense(DefenseCallback):
         self.permanent = permanent
         self._warmup, self._interval, self._until = warmup, interval, until
         self.schedule = SelectionSchedule(warmup=warmup, interval=interval, until=until)
-        self.rounds: list[dict[str, Any]] = []
         self.record_proxies = record_proxies
         self.proxies: list[dict[str, torch.Tensor]] = []
-        self.dropped = torch.empty(0, dtype=torch.long)
+        # proxy_pass="training": this process's (indices, logits) of the epoch before a round
+        self._recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._recorded_epoch = -1
 
     def on_train_start(self, trainer: Any) -> None:
         if self._until is None:
@@ -85,16 +88,35 @@ class EpicDefense(DefenseCallback):
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
         if self.schedule.is_selection_epoch(epoch):
             self._select(trainer, epoch)
-        if self.proxy_pass == "training" and self.schedule.is_selection_epoch(epoch + 1):
-            trainer.record_logits = True  # this epoch's training logits feed the next round
+        self._recorded = []
 
-    def _logits(self, trainer: Any, idx: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def on_batch_end(self, trainer: Any, batch: BatchEnd) -> None:
+        if self.proxy_pass == "training" and self.schedule.is_selection_epoch(batch.epoch + 1):
+            self._recorded.append((batch.indices, batch.logits))  # they feed the next round
+            self._recorded_epoch = batch.epoch
+
+    def _training_logits(self, trainer: Any, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, K) logits the training steps of epoch ``epoch - 1`` computed, every process's,
+        and the (N,) mask of the examples that were trained on (the others are zeros)."""
+        idx = [i for i, _ in self._recorded]
+        rows = [z for _, z in self._recorded]
+        k = rows[0].shape[1]
+        flat_idx = dist.all_gather_varlen(torch.cat(idx))
+        flat = dist.all_gather_varlen(torch.cat(rows))
+        n = len(trainer.labels)
+        logits = torch.zeros(n, k, device=flat.device)
+        logits[flat_idx] = flat  # an example padded in twice: either of its two rows
+        seen = torch.zeros(n, dtype=torch.bool, device=flat.device)
+        seen[flat_idx] = True
+        return logits, seen
+
+    def _logits(self, trainer: Any, idx: torch.Tensor, epoch: int) -> tuple[torch.Tensor, Any]:
         """The round's logits (and features) of the examples ``idx`` (every example)."""
-        recorded = trainer.epoch_logits if self.proxy_pass == "training" else None
-        if recorded is None:  # e.g. the round right after a resume: nothing recorded
+        if self.proxy_pass != "training" or not self._recorded \
+                or self._recorded_epoch != epoch - 1:  # e.g. right after a resume
             return trainer.predict(idx, features=self.proxy == "last-layer", amp=False)
-        logits = recorded.clone()
-        missing = (~trainer.epoch_seen).nonzero().squeeze(1)  # not trained on: dropped
+        logits, seen = self._training_logits(trainer, epoch)
+        missing = (~seen).nonzero().squeeze(1)  # not trained on: dropped
         if len(missing):
             logits[missing] = trainer.predict(missing.cpu(), amp=False)[0]
         return logits, None
@@ -118,7 +140,7 @@ class EpicDefense(DefenseCallback):
         # their neighbours becoming the next isolated points once they are gone.
         pool = torch.ones_like(trainer.active)
         idx = pool.nonzero().squeeze(1)
-        logits, feats = self._logits(trainer, idx)
+        logits, feats = self._logits(trainer, idx, epoch)
         labels = trainer.labels.index_select(0, idx.to(trainer.labels.device))
         proxies = gradient_proxy(logits, labels, feats)
         dropped, fields = self._decide(trainer, proxies, labels)
@@ -131,29 +153,10 @@ class EpicDefense(DefenseCallback):
         keep[idx[selected]] = True
         if self.permanent:
             keep &= trainer.active
-        before = trainer.active
-        trainer.set_active(keep)  # distributed: rank 0's mask, broadcast to every rank
-        keep = trainer.active
-        self.dropped = (~keep).nonzero().squeeze(1)
-        record = drop_record(trainer, keep, epoch=epoch + 1, pool=len(idx), **fields,
-                             flagged=int(dropped.numel()),
-                             dropped_this_round=int((before & ~keep).sum()))
-        record["seconds"] = time.perf_counter() - t0
-        self.rounds.append(record)
-        trainer.log_event("selection", **record)
+        record = self._drop(trainer, keep, epoch=epoch, started=t0, pool=len(idx), **fields,
+                            flagged=int(dropped.numel()))
         if getattr(trainer.config, "progress", False) and dist.is_main():
             from tqdm.auto import tqdm
 
             tqdm.write("EPIC round " + " ".join(f"{k}={v:.3f}" if isinstance(v, float)
                                                  else f"{k}={v}" for k, v in record.items()))
-
-    def summary(self) -> dict[str, Any]:
-        return {"rounds": len(self.rounds), "dropped": int(self.dropped.numel()),
-                "selection_seconds": sum(r["seconds"] for r in self.rounds)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rounds": self.rounds, "dropped": self.dropped}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rounds = list(state["rounds"])
-        self.dropped = state["dropped"].cpu()

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .._errors import EpicError
-from .base import DefenseCallback, drop_record
+from .base import DropDefense
 
 __all__ = ["FilterDefense", "FilterResult"]
 
@@ -46,7 +46,7 @@ class FilterResult:
         return int((~self.keep).sum())
 
 
-class FilterDefense(DefenseCallback):
+class FilterDefense(DropDefense):
     """Base class of one-shot filters. Subclasses implement :meth:`filter`.
 
     Args:
@@ -55,16 +55,16 @@ class FilterDefense(DefenseCallback):
     """
 
     name = "filter"
+    event = "filter"
     needs_features = True
 
     def __init__(self, *, epoch: int | None = None) -> None:
         if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)
                                   or epoch < 0):
             raise EpicError(f"epoch must be an integer >= 0, got {epoch!r}")
+        super().__init__()
         self.epoch = epoch
         self.at: int | None = epoch
-        self.rounds: list[dict[str, Any]] = []
-        self.dropped = torch.empty(0, dtype=torch.long)
         self.scores: Tensor | None = None
 
     def filter(self, features: Tensor | None, labels: Tensor, logits: Tensor) -> FilterResult:
@@ -97,21 +97,5 @@ class FilterDefense(DefenseCallback):
         scores = torch.full((len(trainer.active),), float("nan"))
         scores[idx] = result.scores.float().cpu()
         self.scores = scores
-        trainer.set_active(keep)
-        self.dropped = (~keep).nonzero().squeeze(1)
-        record = drop_record(trainer, keep, epoch=epoch + 1, pool=len(idx),
-                             dropped_this_round=result.num_dropped)
-        record["seconds"] = time.perf_counter() - t0
-        self.rounds.append(record)
-        trainer.log_event("filter", defense=self.name, **record)
-
-    def summary(self) -> dict[str, Any]:
-        return {"rounds": len(self.rounds), "dropped": int(self.dropped.numel()),
-                "selection_seconds": sum(r["seconds"] for r in self.rounds)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rounds": self.rounds, "dropped": self.dropped}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rounds = list(state["rounds"])
-        self.dropped = state["dropped"].cpu()
+        self._drop(trainer, keep, epoch=epoch, started=t0, log={"defense": self.name},
+                   pool=len(idx))

@@ -117,11 +117,12 @@ class FriendlyNoise(DefenseCallback):
     At the start of epoch ``epoch`` the current model computes, for every training example, a
     friendly perturbation (:func:`friendly_perturbation`: as large as possible within
     ``friendly_eps`` while keeping the model's output). From then on the training images *are*
-    the perturbed images: ``trainer.images`` is replaced by the clipped ``images + delta``
-    (uint8), so the random crop and flip apply to the perturbed image as in the authors' code,
-    and :meth:`~epic.training.Trainer.predict` on training indices sees them too. On top of that,
-    every batch gets fresh random noise through ``transform_batch``, from the first epoch on
-    (the authors' code adds it in the data transform from the start): ``"bernoulli"`` adds
+    the perturbed images: ``training_images`` returns the clipped ``images + delta`` (uint8)
+    to the trainer, so the random crop and flip apply to the perturbed image as in the
+    authors' code, and :meth:`~epic.training.Trainer.predict` on training indices sees them
+    too. On top of that, every batch gets fresh random noise through ``transform_batch``, from
+    the first epoch on (the authors' code adds it in the data transform from the start):
+    ``"bernoulli"`` adds
     ``+-noise_eps`` with random signs, ``"uniform"`` noise uniform in ``[-noise_eps,
     noise_eps]``; the result is clipped to [0, 1]. That noise comes after the crop and flip
     (for independent per-pixel noise only the crop's zero padding sees a difference).
@@ -180,7 +181,7 @@ class FriendlyNoise(DefenseCallback):
         self.record: dict[str, Any] = {}
         self.generator: torch.Generator | None = None
         self._pending_generator: Tensor | None = None
-        self._applied: Tensor | None = None  # the trainer tensor this defense last produced
+        self._applied: Any = None  # the trainer this defense last handed its images to
 
     def on_train_start(self, trainer: Any) -> None:
         cfg = trainer.config
@@ -210,15 +211,14 @@ class FriendlyNoise(DefenseCallback):
                            "mean_abs_delta": float(self.delta.float().abs().mean()),
                            "seconds": time.perf_counter() - t0}
             trainer.log_event("friendly-noise", **self.record)
-        if self.delta is not None:
-            self._apply(trainer)
 
-    def _apply(self, trainer: Any) -> None:
-        """Put the perturbation into the trainer's data (once per trainer, also on resume),
-        in chunks so that no full-size int16 or float copy of the training set is made."""
-        transfer = trainer.cache is not None
-        if (trainer.cache if transfer else trainer.images) is self._applied:
-            return
+    def training_images(self, trainer: Any, epoch: int) -> Tensor | None:
+        """The perturbed images, once per training run (also on resume), built in chunks so
+        that no full-size int16 or float copy of the training set is made. In transfer they
+        carry one draw of the random noise too (the trainer recomputes its features)."""
+        if self.delta is None or trainer is self._applied:
+            return None
+        transfer = trainer.config.scenario == "transfer"
         generator = torch.Generator(device=trainer.device)  # transfer: one draw, reproducible
         generator.manual_seed(trainer.config.seed + 3)
         images = torch.empty_like(trainer.images)
@@ -229,11 +229,8 @@ class FriendlyNoise(DefenseCallback):
             if transfer and self.noise_eps > 0:
                 pixels += self._noise_like(pixels.float(), generator).round_().to(torch.int16)
             images[part] = pixels.clamp_(0, 255).to(torch.uint8)
-        if transfer:  # the images stay clean; the features are those of the noisy images
-            _, trainer.cache = trainer.predict(images=images, features=True)
-            self._applied = trainer.cache
-        else:
-            trainer.images = self._applied = images
+        self._applied = trainer
+        return images
 
     def _noise_like(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """Random noise shaped like ``x`` with amplitude ``noise_eps``, in pixel levels."""
@@ -244,7 +241,7 @@ class FriendlyNoise(DefenseCallback):
                                             generator=generator)
 
     def transform_batch(self, trainer: Any, indices: Tensor, inputs: Tensor) -> Tensor:
-        if trainer.cache is not None or self.noise_eps == 0:
+        if trainer.config.scenario == "transfer" or self.noise_eps == 0:
             return inputs
         if self.generator is None:  # called without on_train_start (direct use)
             self.generator = torch.Generator(device=inputs.device)

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import _distributed as dist
-from .._callback import Callback
+from .._callback import BatchEnd, Callback, TrainingParts
 from .._device import resolve_device, seed_everything
 from .._errors import EpicError
 from .._io import atomic_write, write_jsonl
@@ -144,9 +144,9 @@ class Trainer:
         stream: the streamed training split, or None when it is held in memory.
         train_module: what the batch loop calls: :attr:`model`, or :attr:`head` in transfer
             (inside ``DistributedDataParallel`` during :meth:`fit` when distributed).
-            A defense may swap it, :attr:`optimizer` and :attr:`scheduler` in
-            ``on_train_start`` (e.g. for per-example gradients); :attr:`model` stays the
-            unwrapped network whose ``state_dict`` the checkpoint holds.
+            A callback returns it (with :attr:`model` and :attr:`optimizer`) wrapped from
+            ``configure_training`` (e.g. for per-example gradients); :attr:`model` is the
+            network whose ``state_dict`` the checkpoint holds.
         history: one metrics dict per finished epoch.
         events: everything logged (epochs and callback records such as selection rounds).
     """
@@ -195,6 +195,14 @@ class Trainer:
         self.callbacks = list(callbacks)
         self._batch_transforms = [cb for cb in self.callbacks
                                   if type(cb).transform_batch is not Callback.transform_batch]
+        self._batch_ends = [cb for cb in self.callbacks
+                            if type(cb).on_batch_end is not Callback.on_batch_end]
+        # Checkpoints hold the state of the callbacks that have one, by key.
+        stateful = [cb for cb in self.callbacks
+                    if type(cb).state_dict is not Callback.state_dict]
+        keys = [cb.state_key for cb in stateful]
+        self._stateful = {k if keys.count(k) == 1 else f"{k}#{i}": cb
+                          for i, (k, cb) in enumerate(zip(keys, stateful, strict=True))}
         self.out_dir = None if out_dir is None else Path(out_dir)
         # Transfer: frozen extractor, fresh linear head trained on features computed once.
         self.head: nn.Linear | None = None
@@ -222,12 +230,6 @@ class Trainer:
         self.epoch = 0  # the next epoch to run
         self.history: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
-        # A callback sets record_logits before an epoch to get, after it, the logits of every
-        # example trained on in that epoch (as computed by its training step: augmented, in
-        # train mode) in epoch_logits, with epoch_seen marking which rows were filled.
-        self.record_logits = False
-        self.epoch_logits: Tensor | None = None
-        self.epoch_seen: Tensor | None = None
 
     @staticmethod
     def _check_split(name: str, split: Any) -> None:
@@ -428,9 +430,6 @@ class Trainer:
         bar = tqdm(batches, total=steps, leave=False,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and self.rank == 0))
-        recording, self.epoch_logits, self.epoch_seen = self.record_logits, None, None
-        rec_idx: list[Tensor] = []
-        rec_logits: list[Tensor] = []
         for step, batch in enumerate(bar):
             part = batch[rank::world]  # this rank's examples of the global batch
             part_dev = part.to(self.device, non_blocking=True)
@@ -464,18 +463,16 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)  # skips the step on inf/nan gradients (fp16)
             self.scaler.update()
-            if recording:
-                rec_idx.append(part_dev)
-                rec_logits.append(logits.detach().float())
             loss_value = float(loss.detach())
             total_loss += loss_value * len(part)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(part)
-            self._call("on_batch_end", epoch, step, loss_value)
+            if self._batch_ends:
+                done = BatchEnd(epoch, step, part_dev, logits.detach().float(), loss_value)
+                for cb in self._batch_ends:
+                    cb.on_batch_end(self, done)
         if streamed is not None:
             next(streamed, None)  # the loader ends its pass (and checks that it is complete)
-        if recording:
-            self._store_epoch_logits(rec_idx, rec_logits)
         if world > 1:
             for buf in self.model.buffers():  # batch-norm statistics: rank 0's everywhere
                 dist.broadcast(buf, 0)
@@ -484,29 +481,40 @@ class Trainer:
             total_loss, correct, seen = dist.all_reduce_sum(sums).tolist()
         return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
 
-    def _store_epoch_logits(self, idx: list[Tensor], logits: list[Tensor]) -> None:
-        """Scatter the recorded (index, logits) rows of every process into (N, K)."""
-        self.record_logits = False
-        k = logits[0].shape[1] if logits else 0
-        flat_idx = torch.cat(idx) if idx else torch.empty(0, dtype=torch.long,
-                                                          device=self.device)
-        flat = torch.cat(logits) if logits else torch.empty(0, k, device=self.device)
-        flat_idx, flat = dist.all_gather_varlen(flat_idx), dist.all_gather_varlen(flat)
-        n = len(self.labels)
-        out = torch.zeros(n, flat.shape[1], device=self.device)
-        out[flat_idx] = flat  # an example padded in twice: either of its two rows
-        seen = torch.zeros(n, dtype=torch.bool, device=self.device)
-        seen[flat_idx] = True
-        self.epoch_logits, self.epoch_seen = out, seen
-
     def _wrap(self) -> None:
         """Put :attr:`train_module` inside ``DistributedDataParallel`` when distributed."""
         if self.world > 1 and not isinstance(self.train_module, DistributedDataParallel):
             if self.train_module is not (self.model if self.head is None else self.head):
-                raise EpicError("a defense replaced the trained module (dp-sgd does); it runs "
+                raise EpicError("a defense wraps the trained module (dp-sgd does); it runs "
                                 "in one process only: start it without torchrun")
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_module = DistributedDataParallel(self.train_module, device_ids=ids)
+
+    def _configure(self, hook: str, callbacks: Any) -> TrainingParts:
+        parts = TrainingParts(self.model, self.train_module, self.optimizer)
+        for cb in callbacks:
+            parts = getattr(cb, hook)(self, parts)
+            if not isinstance(parts, TrainingParts):
+                raise EpicError(f"{type(cb).__name__}.{hook} must return TrainingParts, got "
+                                f"{type(parts).__name__}")
+        return parts
+
+    def _set_parts(self, parts: TrainingParts) -> None:
+        self.model, self.train_module, self.optimizer = parts.model, parts.module, parts.optimizer
+
+    def _replace_images(self, images: Tensor) -> None:
+        """Train on ``images`` from now on (a callback's :meth:`Callback.training_images`);
+        in transfer the images stay and the cached features are recomputed from these."""
+        if self.images is None:
+            raise EpicError("a defense replaces the training images, which needs them in "
+                            "memory; drop --stream or choose another defense")
+        if images.shape != self.images.shape or images.dtype != torch.uint8:
+            raise EpicError(f"training_images must be uint8 {tuple(self.images.shape)}, got "
+                            f"{images.dtype} {tuple(images.shape)}")
+        if self.cache is not None:
+            _, self.cache = self.predict(images=images.to(self.device), features=True)
+        else:
+            self.images = images.to(self.device)
 
     def _unwrap(self) -> None:
         if isinstance(self.train_module, DistributedDataParallel):
@@ -515,14 +523,16 @@ class Trainer:
     def fit(self, *, resume: bool = True) -> list[dict[str, Any]]:
         """Train until ``config.epochs``; with ``resume``, continue from ``out_dir``'s checkpoint.
 
-        ``on_train_start`` runs first, before a checkpoint is loaded, so that a callback which
-        swaps the model's layers, :attr:`train_module` or :attr:`optimizer` has done so when
-        the checkpoint (and the callbacks' own state) is restored into them.
+        ``on_train_start`` and ``configure_training`` run first, before a checkpoint is
+        loaded, so that the model, module and optimizer a callback returns wrapped (e.g. with
+        group norm for batch norm) are what the checkpoint and the callbacks' own state are
+        restored into. ``release_training`` unwraps them after the last epoch.
 
         Returns:
             :attr:`history`, one metrics dict per epoch.
         """
         self._call("on_train_start")
+        self._set_parts(self._configure("configure_training", self.callbacks))
         if resume and self.out_dir is not None and (self.out_dir / CHECKPOINT).exists():
             self.load_checkpoint(self.out_dir / CHECKPOINT)
         self._wrap()  # after the resume; DistributedDataParallel broadcasts rank 0's weights
@@ -531,6 +541,10 @@ class Trainer:
         for epoch in epochs:
             t0 = time.perf_counter()
             self._call("on_epoch_start", epoch)
+            for cb in self.callbacks:
+                images = cb.training_images(self, epoch)
+                if images is not None:
+                    self._replace_images(images)
             metrics: dict[str, Any] = {"epoch": epoch + 1,
                                        "lr": self.optimizer.param_groups[0]["lr"],
                                        "active": int(self.active.sum())}
@@ -555,6 +569,7 @@ class Trainer:
                 shown = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items()}
                 tqdm.write(" ".join(f"{k}={v}" for k, v in shown.items()))
         self._unwrap()
+        self._set_parts(self._configure("release_training", reversed(self.callbacks)))
         self._call("on_train_end")
         self.close()  # a streamed split's DataLoader workers
         return self.history
@@ -572,7 +587,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
             "events": self.events,
-            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "callbacks": {key: cb.state_dict() for key, cb in self._stateful.items()},
         }
 
     def save_checkpoint(self, path: str | Path) -> Path:
@@ -589,9 +604,12 @@ class Trainer:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise EpicError(f"cannot resume from {path}: {first}; delete it to start over or "
                             "use the same model and data") from None
-        if len(state["callbacks"]) != len(self.callbacks):
-            raise EpicError(f"cannot resume from {path}: it was written with a different "
-                            "defense; use the same --defense or a new --out")
+        saved = state["callbacks"]
+        if not isinstance(saved, dict) or sorted(saved) != sorted(self._stateful):
+            names = sorted(saved) if isinstance(saved, dict) else "another version of epic"
+            raise EpicError(f"cannot resume from {path}: it was written with the defense(s) "
+                            f"{names}, this run has {sorted(self._stateful)}; use the same "
+                            "--defense or a new --out")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):  # empty when loss scaling is off
@@ -602,5 +620,5 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.events = list(state["events"])
-        for cb, cb_state in zip(self.callbacks, state["callbacks"], strict=True):
-            cb.load_state_dict(cb_state)
+        for key, cb in self._stateful.items():
+            cb.load_state_dict(saved[key])
