@@ -12,6 +12,7 @@ from .base import (
     Target,
     ThreatModel,
     as_ensemble,
+    attack_summary,
     create_attack,
     list_attacks,
     project,
@@ -20,5 +21,6 @@ from .base import (
     to_poison_set,
 )
 
-__all__ = ["ATTACKS", "Attack", "Target", "ThreatModel", "as_ensemble", "create_attack",
+__all__ = ["ATTACKS", "Attack", "Target", "ThreatModel", "as_ensemble", "attack_summary",
+           "create_attack",
            "list_attacks", "project", "register_attack", "select_bases", "to_poison_set"]

@@ -29,6 +29,7 @@ __all__ = [
     "Attack",
     "Target",
     "ThreatModel",
+    "attack_summary",
     "create_attack",
     "list_attacks",
     "project",
@@ -53,6 +54,16 @@ def create_attack(name: str, **kwargs: Any) -> Attack:
 def list_attacks(pattern: str = "*") -> list[str]:
     """Registered attack names matching a shell-style pattern."""
     return ATTACKS.names(pattern)
+
+
+def attack_summary(model: nn.Module, poisons: PoisonSet, test: Any) -> dict[str, Any]:
+    """:meth:`Attack.score` of the attack that made ``poisons`` (named in their metadata);
+    empty for an unknown or unregistered attack (e.g. a poisoning-benchmark folder)."""
+    name = poisons.metadata.get("attack")
+    if not isinstance(name, str) or name not in ATTACKS:
+        return {}
+    factory = ATTACKS.get(name)
+    return factory.score(model, poisons, test) if hasattr(factory, "score") else {}
 
 
 @dataclass(frozen=True)
@@ -192,6 +203,13 @@ class Attack(abc.ABC):
                     "poison_class": int(klass), "hyperparameters": self.hyperparameters(),
                     "result": info}
         return to_poison_set(train, indices, poisoned, target, threat, metadata)
+
+    @classmethod
+    def score(cls, model: nn.Module, poisons: PoisonSet, test: Any) -> dict[str, Any]:
+        """Fields of a run's summary that measure this attack beyond the target's prediction
+        (e.g. a backdoor's success over patched test images); ``test`` is the clean test
+        split. Default: none."""
+        return {}
 
     def hyperparameters(self) -> dict[str, Any]:
         """The attack's settings, recorded in the poisons' metadata."""

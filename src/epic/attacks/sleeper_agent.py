@@ -244,6 +244,19 @@ class SleeperAgent(GradientMatching):
         self.retrain_rounds = retrain_rounds
         self._retrain = retrain  # underscored: not a hyperparameter recorded in metadata
 
+    @classmethod
+    def score(cls, model: nn.Module, poisons: PoisonSet, test: Any) -> dict[str, Any]:
+        """A hidden-trigger backdoor's success is measured on every patched source-class test
+        image, not on one target; ``attack_success`` is then a majority of them."""
+        source = int(poisons.metadata["source_class"])
+        pick = test.labels == source
+        sources = test.read(pick) if hasattr(test, "read") else test.images[pick]
+        rate = backdoor_success(model, sources, trigger_from_metadata(poisons),
+                                poisons.adv_label,
+                                placement=poisons.metadata.get("placement", "random"),
+                                generator=torch.Generator().manual_seed(0))
+        return {"backdoor_success": rate, "attack_success": rate > 0.5}
+
     def retrain_steps(self) -> list[int]:
         """The (0-based) steps before which the surrogate is retrained, evenly spaced."""
         r = self.retrain_rounds

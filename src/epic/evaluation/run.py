@@ -27,6 +27,7 @@ from .._device import seed_everything
 from .._errors import EpicError
 from .._io import write_json, write_yaml
 from .._validation import check_int
+from ..attacks import attack_summary
 from ..data import (
     ImageTensors,
     PoisonSet,
@@ -222,24 +223,6 @@ def model_spec(cfg: RunConfig, train: ImageTensors | StreamingImages) -> dict[st
     return spec
 
 
-def _backdoor_summary(trainer: Trainer, poisons: PoisonSet,
-                      test: ImageTensors | StreamingImages) -> dict[str, Any]:
-    """For a hidden-trigger backdoor (sleeper agent), success is measured on every patched
-    source-class test image, not on one target; ``attack_success`` is then a majority."""
-    if poisons.metadata.get("attack") != "sleeper-agent":
-        return {}
-    from ..attacks.sleeper_agent import backdoor_success, trigger_from_metadata
-
-    source = int(poisons.metadata["source_class"])
-    sources = test.read(test.labels == source) if isinstance(test, StreamingImages) \
-        else test.images[test.labels == source]
-    rate = backdoor_success(trainer.model, sources,
-                            trigger_from_metadata(poisons), poisons.adv_label,
-                            placement=poisons.metadata.get("placement", "random"),
-                            generator=torch.Generator().manual_seed(0))
-    return {"backdoor_success": rate, "attack_success": rate > 0.5}
-
-
 def run_training(cfg: RunConfig, *, resume: bool = True) -> dict[str, Any]:
     """Train once as ``cfg`` says and write the results into ``cfg.out``.
 
@@ -318,7 +301,7 @@ def execute_run(cfg: RunConfig, *,
             "target_index": poisons.target_index, "target_label": poisons.target_label,
             "adv_label": poisons.adv_label, "target_pred": last.get("target_pred"),
             "attack_success": bool(last.get("target_pred") == poisons.adv_label),
-            **_backdoor_summary(trainer, poisons, test),
+            **attack_summary(trainer.model, poisons, test),
             "poisons_total": int(mask.sum()),
             "poisons_dropped": int((mask & dropped).sum()),
             "clean_dropped": int((~mask & dropped).sum()),
