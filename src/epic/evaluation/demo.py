@@ -169,35 +169,39 @@ def _plot(path: Path, rows: list[dict[str, Any]], first_round: dict[str, Any] | 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     ax = axes[0]
     if first_round is not None:
+        # What EPIC saw in its first round: each example of the poisons' class by the size of
+        # its gradient proxy (log scale: most clean examples are fit, so theirs is tiny), in
+        # four groups, with what EPIC dropped.
         rec = first_round["proxies"]
         cls = rec["labels"] == first_round["adv"]
-        vec = rec["vectors"][cls]
-        idx = rec["indices"][cls]
-        centred = vec - vec.mean(0)
-        _, _, v = torch.pca_lowrank(centred, q=2, center=False)
-        xy = (centred @ v[:, :2]).numpy()
-        poison = first_round["poison_mask"][idx].numpy()
+        norm = rec["vectors"][cls].norm(dim=1).clamp(min=1e-6).numpy()
+        poison = first_round["poison_mask"][rec["indices"][cls]].numpy()
         dropped = (~rec["keep"][cls]).numpy()
-        # Well-fit clean examples pile up near the origin: draw them above the poisons.
-        ax.scatter(xy[poison, 0], xy[poison, 1], s=40, c="tab:red", marker="^",
-                   label=f"poison ({int(poison.sum())})", zorder=1)
-        ax.scatter(xy[~poison, 0], xy[~poison, 1], s=8, c="0.4", alpha=0.6,
-                   label=f"clean ({int((~poison).sum())})", zorder=2)
-        ax.scatter(xy[dropped, 0], xy[dropped, 1], s=90, facecolors="none",
-                   edgecolors="black", zorder=3,
-                   label=f"dropped by EPIC ({int((dropped & poison).sum())} poisons, "
-                         f"{int((dropped & ~poison).sum())} clean)")
-        ax.set_title(f"gradient proxies of class {first_round['adv']} (first EPIC round, PCA)")
-        ax.legend(loc="best", fontsize=8)
+        groups = [("clean, kept", ~poison & ~dropped, "0.55"),
+                  ("clean, dropped", ~poison & dropped, "tab:orange"),
+                  ("poison, kept", poison & ~dropped, "tab:red"),
+                  ("poison, dropped", poison & dropped, "tab:green")]
+        jitter = torch.rand(len(norm), generator=torch.Generator().manual_seed(0)).numpy()
+        for k, (_, mask, colour) in enumerate(groups):
+            ax.scatter(k + 0.6 * (jitter[mask] - 0.5), norm[mask], s=14, c=colour, alpha=0.7)
+        ax.set_xticks(range(4), [f"{name}\n({int(mask.sum())})" for name, mask, _ in groups],
+                      fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("|softmax - onehot| (log)")
+        ax.set_title(f"class {first_round['adv']} in EPIC's first round")
+    # Outcome per target: a cell per (defense, target), red for a hit, green for a miss.
     ax = axes[1]
-    labels = [f"{r['target']}\n{r['true']}->{r['adv']}" for r in rows]
-    x = torch.arange(len(rows)).numpy()
-    ax.bar(x - 0.2, [int(r["none"]["attack_success"]) for r in rows], 0.4, label="undefended")
-    ax.bar(x + 0.2, [int(r["epic"]["attack_success"]) for r in rows], 0.4, label="EPIC")
-    ax.set_xticks(x, labels, fontsize=7)
-    ax.set_yticks([0, 1], ["miss", "hit"])
-    ax.set_title("attack outcome per target")
-    ax.legend(fontsize=8)
+    names = [("undefended", "none"), ("EPIC", "epic")]
+    grid = [[int(r[key]["attack_success"]) for r in rows] for _, key in names]
+    ax.imshow(grid, cmap=matplotlib.colors.ListedColormap(["#8fd18f", "#e8827a"]), vmin=0,
+              vmax=1, aspect="auto")
+    for y, row in enumerate(grid):
+        for x, hit in enumerate(row):
+            ax.text(x, y, "HIT" if hit else "miss", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(rows)), [f"{r['target']}\n{r['true']}->{r['adv']}" for r in rows],
+                  fontsize=7)
+    ax.set_yticks(range(len(names)), [name for name, _ in names])
+    ax.set_title("attack outcome per target (class -> attacker's)")
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
     plt.close(fig)
