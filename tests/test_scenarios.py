@@ -47,6 +47,7 @@ def test_bad_model_files(tmp_path, content, match):
 
 def test_transfer_trains_only_a_fresh_head(surrogate, tmp_path):
     cfg = RunConfig(out=str(tmp_path / "t"), checkpoint=str(surrogate), defense="epic",
+                    model="resnet20",  # ignored: the checkpoint fixes the architecture
                     defense_options={"warmup": 1, "interval": 1},
                     train={**FAST, "scenario": "transfer", "lr": 0.01})
     summary, trainer, _ = execute_run(cfg, resume=False)
@@ -63,6 +64,7 @@ def test_transfer_trains_only_a_fresh_head(surrogate, tmp_path):
     assert trainer.cache is not None and trainer.cache.shape == (len(trainer.labels),
                                                                  head.in_features)
     assert summary["clean_test_acc"] > 0.5
+    assert summary["model"] == "convnet"  # what actually ran
 
 
 def test_finetune_changes_the_extractor(surrogate, tmp_path):

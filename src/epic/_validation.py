@@ -59,6 +59,22 @@ def check_labels(labels: Any, n: int, num_classes: int | None = None) -> torch.T
     return labels
 
 
+def check_number(name: str, value: Any, *, minimum: float | None = None,
+                 maximum: float | None = None, low_open: bool = False,
+                 high_open: bool = False) -> float:
+    """Require a real number (not a bool or a string), optionally within bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EpicError(f"{name} must be a number, got {value!r}")
+    low_bad = minimum is not None and (value <= minimum if low_open else value < minimum)
+    high_bad = maximum is not None and (value >= maximum if high_open else value > maximum)
+    if low_bad or high_bad:
+        lo = "" if minimum is None else f"{'>' if low_open else '>='} {minimum:g}"
+        hi = "" if maximum is None else f"{'<' if high_open else '<='} {maximum:g}"
+        raise EpicError(f"{name} must be {' and '.join(p for p in (lo, hi) if p)}, "
+                        f"got {value!r}")
+    return float(value)
+
+
 def check_fraction(name: str, value: float, *, low_open: bool = True) -> float:
     """Require ``value`` in (0, 1] (or [0, 1] with ``low_open=False``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

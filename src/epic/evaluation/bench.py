@@ -27,7 +27,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +40,16 @@ from .. import _distributed as dist
 from .._errors import EpicError
 from .._io import write_jsonl, write_yaml
 from ..data import load_split
+from ..training import TrainConfig
 from .craft import CraftConfig, choose_targets, craft_poisons
 from .run import RunConfig, pretrain, run_training
 
-__all__ = ["BenchConfig", "Cell", "default_data_root", "load_bench_config", "read_results",
-           "run_bench"]
+__all__ = ["BenchConfig", "Cell", "TRAIN_KEYS", "default_data_root", "load_bench_config",
+           "read_results", "run_bench"]
 
 RESULTS = "results.jsonl"
-TRAIN_KEYS = ("scenario", "epochs", "lr", "batch_size", "weight_decay", "momentum", "nesterov",
-              "milestones", "gamma", "augment", "eval_every", "amp", "amp_dtype", "channels_last",
-              "device")
+# A victim's training keys are TrainConfig's fields; the bench sets seed and progress itself.
+TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name not in ("seed", "progress"))
 
 
 def default_data_root(dataset: str) -> str | None:

@@ -290,7 +290,7 @@ def execute_run(cfg: RunConfig, *,
 
     last = history[-1]
     summary: dict[str, Any] = {
-        "dataset": cfg.dataset, "model": cfg.model, "defense": cfg.defense,
+        "dataset": cfg.dataset, "model": spec["name"], "defense": cfg.defense,
         "epochs": train_cfg.epochs, "train_examples": len(train),
         "clean_test_acc": last.get("test_acc"),
     }

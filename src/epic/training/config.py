@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .._errors import EpicError
-from .._validation import check_choice, check_int
+from .._validation import check_choice, check_int, check_number
 
 __all__ = ["TrainConfig", "AMP_DTYPES", "AUGMENTATIONS", "SCENARIOS"]
 
@@ -85,10 +85,17 @@ class TrainConfig:
         check_choice("augment", self.augment, AUGMENTATIONS)
         check_choice("scenario", self.scenario, SCENARIOS)
         check_choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
-        if not self.lr > 0:
-            raise EpicError(f"lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise EpicError("weight_decay must be >= 0 and momentum in [0, 1)")
+        check_number("lr", self.lr, minimum=0, low_open=True)
+        check_number("weight_decay", self.weight_decay, minimum=0)
+        check_number("momentum", self.momentum, minimum=0, maximum=1, high_open=True)
+        check_number("gamma", self.gamma, minimum=0, low_open=True)
+        for flag in ("nesterov", "amp", "channels_last", "progress", "pin_memory"):
+            if not isinstance(getattr(self, flag), bool):
+                raise EpicError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if isinstance(self.milestones, (str, bytes)) or not all(
+                isinstance(m, (int, float)) and not isinstance(m, bool)
+                for m in self.milestones):
+            raise EpicError(f"milestones must be a list of numbers, got {self.milestones!r}")
         if any(not 0 < m < 1 for m in self.milestones):
             raise EpicError(f"milestones are fractions of the epochs in (0, 1), got "
                             f"{list(self.milestones)}")
