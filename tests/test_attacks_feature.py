@@ -8,12 +8,13 @@ import torch.nn.functional as F
 
 import epic.attacks.bullseye_polytope  # noqa: F401  (registration)
 import epic.attacks.feature_collision  # noqa: F401  (registration)
+from conftest import tiny_model
 from epic._errors import EpicError
 from epic.attacks import Target, ThreatModel, create_attack, list_attacks
 from epic.attacks.bullseye_polytope import BullseyePolytope
 from epic.attacks.feature_collision import FeatureCollision, default_beta
 from epic.data import ImageTensors, PoisonSet
-from epic.models import create_model, forward_with_features
+from epic.models import forward_with_features
 
 ATTACKS = ["bullseye-polytope", "feature-collision"]
 EPS = 16.0
@@ -22,9 +23,7 @@ NUM_POISONS = 5
 
 def _train_convnet(train: ImageTensors, seed: int, steps: int = 60) -> torch.nn.Module:
     """A tiny convnet briefly trained on digits, so that its features mean something."""
-    torch.manual_seed(seed)
-    model = create_model("convnet", num_classes=10, in_channels=1, mean=(0.31,), std=(0.38,),
-                         channels=(8, 16), hidden=32)
+    model = tiny_model(seed, mean=(0.31,))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = train.images.float() / 255, train.labels
     g = torch.Generator().manual_seed(seed)
@@ -259,6 +258,7 @@ def _linear_probe(features: torch.Tensor, labels: torch.Tensor,
     return head
 
 
+@pytest.mark.slow
 def test_bullseye_transfer_poisons_linear_probe(digits, surrogates):
     """Transfer setting: retraining only a linear head on poisoned features raises the target's
     adversarial log-probability far more than random +-eps noise on the same bases does."""

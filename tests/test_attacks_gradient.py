@@ -11,10 +11,10 @@ from torch import nn
 
 import epic.attacks.gradient_matching as gm
 import epic.attacks.sleeper_agent as sa
+from conftest import tiny_model
 from epic._errors import EpicError
 from epic.attacks import Target, ThreatModel, create_attack, list_attacks
 from epic.data import ImageTensors, PoisonSet
-from epic.models import create_model
 
 EPS = 16
 THREAT = ThreatModel(eps=EPS, num_poisons=6)
@@ -26,9 +26,7 @@ ATTACKS = {
 
 
 def _tiny(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return create_model("convnet", num_classes=10, in_channels=1, mean=(0.31,), std=(0.38,),
-                        channels=(8, 16), hidden=32)
+    return tiny_model(seed, mean=(0.31,))
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,7 @@ def test_list_reads_the_registries(capsys):
                                                "resnet56"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["train", "--model", "nope"], "unknown model 'nope'; choose from"),
     (["train", "--dataset", "cifar10", "--data-root", "/nonexistent"], "/nonexistent"),
@@ -127,6 +128,7 @@ def test_unknown_training_option_names_the_key(tmp_path):
         run_training(RunConfig(out=str(tmp_path), train={"epochz": 3}))
 
 
+@pytest.mark.slow
 def test_a_benchmark_folder_without_eps_asks_for_the_flag_that_exists(tmp_path, poison_file):
     folder = PoisonSet.load(poison_file)
     folder = PoisonSet(folder.base_indices, folder.images, folder.labels, folder.target_image,
@@ -140,6 +142,7 @@ def test_a_benchmark_folder_without_eps_asks_for_the_flag_that_exists(tmp_path, 
     assert code == 0 and "poisons dropped: 0/5" in out, out
 
 
+@pytest.mark.slow
 def test_option_reaches_any_defense_and_unset_flags_keep_library_defaults(tmp_path):
     code, out = run_cli("train", "--defense", "random-drop", "--option", "count=7",
                         "--epochs", "1", "--no-progress", "--out", str(tmp_path / "r"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import small_model
 from epic._errors import EpicError
 from epic.data import ImageTensors
 from epic.defenses import (
@@ -16,7 +17,6 @@ from epic.defenses import (
     create_defense,
     list_defenses,
 )
-from epic.models import create_model
 from epic.training import TrainConfig, Trainer
 
 POISONS = 5
@@ -202,8 +202,7 @@ INTEGRATION = [
 def test_filters_run_through_the_trainer(digits, name, options):
     train, _ = digits
     subset = ImageTensors(train.images[:500], train.labels[:500], train.classes)
-    torch.manual_seed(0)
-    model = create_model("convnet", num_classes=10, in_channels=1, mean=(0.3,), std=(0.38,))
+    model = small_model()
     defense = create_defense(name, epoch=1, **options)
     poison = torch.zeros(500, dtype=torch.bool)
     poison[:10] = True

@@ -7,24 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import straight_and_resumed, tiny_model
 from epic._callback import TrainingParts
 from epic._errors import EpicError
 from epic.defenses import DPSGD, FriendlyNoise, create_defense, list_defenses
 from epic.defenses.friendly_noise import friendly_perturbation
-from epic.models import create_model
-from epic.training import Callback, TrainConfig, Trainer
+from epic.training import TrainConfig, Trainer
 
 # Opacus's hooks warn that the first layer's input needs no gradient; that is expected.
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 
 FAST = dict(batch_size=64, lr=0.05, augment="none", progress=False)
-
-
-def tiny_model(seed=0):
-    """The convnet, narrow: per-example gradients of the default width are slow on a CPU."""
-    torch.manual_seed(seed)
-    return create_model("convnet", num_classes=10, in_channels=1, mean=(0.3,), std=(0.38,),
-                        channels=(8, 16), hidden=32)
 
 
 def weights(model):
@@ -45,28 +38,10 @@ def from_pretrained(state):
     return model
 
 
-class Interrupt(Callback):
-    def on_epoch_start(self, trainer, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-
-
-def straight_and_resumed(train, cfg, make_defense, tmp_path):
-    straight = Trainer(tiny_model(), train, config=cfg, callbacks=[make_defense()],
-                       out_dir=tmp_path / "a")
-    straight.fit()
-    first = Trainer(tiny_model(), train, config=cfg, callbacks=[make_defense(), Interrupt()],
-                    out_dir=tmp_path / "b")
-    with pytest.raises(KeyboardInterrupt):
-        first.fit()
-    assert first.epoch == 2
-    resumed = Trainer(tiny_model(seed=99), train, config=cfg,
-                      callbacks=[make_defense(), Callback()], out_dir=tmp_path / "b")
-    resumed.fit()
-    assert resumed.epoch == cfg.epochs
-    for (name, a), b in zip(straight.model.state_dict().items(),
-                            resumed.model.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+def resume_matches(train, cfg, make_defense, tmp_path):
+    """An interrupted and resumed run ends as the straight one, with the same learning rates."""
+    straight, resumed = straight_and_resumed(train, cfg, lambda: [make_defense()], tmp_path,
+                                             model=tiny_model)
     assert [h["lr"] for h in resumed.history] == [h["lr"] for h in straight.history]
     return straight, resumed
 
@@ -192,7 +167,7 @@ def test_dp_sgd_rejects_in_place_layer_outputs_clearly(digits):
 
 def test_dp_sgd_resume_reproduces_an_uninterrupted_run(digits, tmp_path):
     cfg = TrainConfig(epochs=4, **FAST)
-    straight, resumed = straight_and_resumed(digits[0], cfg, DPSGD, tmp_path)
+    straight, resumed = resume_matches(digits[0], cfg, DPSGD, tmp_path)
     assert isinstance(dict(resumed.model.named_modules())["net.features.1"], nn.GroupNorm)
 
 
@@ -279,6 +254,6 @@ def test_friendly_noise_in_transfer_recomputes_the_feature_cache(digits, pretrai
 
 def test_friendly_noise_resume_reproduces_an_uninterrupted_run(digits, tmp_path):
     cfg = TrainConfig(epochs=3, **FAST)
-    straight, resumed = straight_and_resumed(
+    straight, resumed = resume_matches(
         digits[0], cfg, lambda: FriendlyNoise(epoch=1, friendly_steps=2), tmp_path)
     assert torch.equal(resumed.images, straight.images)  # the perturbation was re-applied

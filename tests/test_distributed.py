@@ -18,10 +18,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import conftest
 from epic import _distributed as dist
 from epic.data import load_split
 from epic.defenses import EpicDefense
-from epic.models import create_model
 from epic.selection import EPIC
 from epic.training import TrainConfig, Trainer
 
@@ -71,8 +71,9 @@ def ranks(tmp_path_factory, state):
 
 
 def tiny_model(state=None):
-    torch.manual_seed(0)
-    model = create_model("convnet", num_classes=10, in_channels=1, channels=(8, 16), hidden=32)
+    """conftest's narrow digits ConvNet (seed 0, the model's default normalisation), with
+    ``state`` loaded when given."""
+    model = conftest.tiny_model(mean=None, std=None)
     if state is not None:
         model.load_state_dict(state)
     return model
@@ -104,6 +105,7 @@ def test_helpers_are_the_identity_in_one_process():
     dist.barrier()
 
 
+@pytest.mark.slow
 def test_gather_broadcast_and_sum_across_two_processes(ranks):
     for rank, res in enumerate(r["helpers"] for r in ranks[1]):
         assert (res["rank"], res["world"], res["main"]) == (rank, 2, rank == 0)
@@ -124,6 +126,7 @@ def _data(rank):
     return {"images": trainer.images, "labels": trainer.labels, "caller": images}
 
 
+@pytest.mark.slow
 def test_every_rank_trains_on_rank_0_data_and_the_callers_is_untouched(ranks):
     for rank, res in enumerate(r["data"] for r in ranks[1]):
         assert (res["images"] == 0).all() and torch.equal(res["labels"], torch.arange(6))
@@ -170,6 +173,7 @@ def _epic_rounds(state):
     return {name: _epic_round(state, train, options) for name, options in ROUNDS.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ROUNDS))
 def test_distributed_epic_round_keeps_what_one_process_keeps(name, ranks, state, digits):
     train = digits[0]
@@ -193,6 +197,7 @@ def _train(rank, out):
             "unwrapped": trainer.train_module is trainer.model}
 
 
+@pytest.mark.slow
 def test_two_process_training_agrees_and_only_rank_0_writes(ranks):
     out, (first, second) = ranks[0], [r["train"] for r in ranks[1]]
     assert first["unwrapped"] and second["unwrapped"]
@@ -227,6 +232,7 @@ def _cli(out):
             "distributed": dist.is_distributed()}
 
 
+@pytest.mark.slow
 def test_epic_train_under_torchrun_environment(ranks):
     out, (first, second) = ranks[0], [r["cli"] for r in ranks[1]]
     assert first["code"] == second["code"] == 0

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import assert_same_weights, small_model, straight_and_resumed
 from epic import EpicError
 from epic._callback import Callback
 from epic.cli.main import main as cli_main
@@ -25,7 +26,6 @@ from epic.data import (
 )
 from epic.defenses import EpicDefense
 from epic.evaluation import RunConfig, prepare_data
-from epic.models import create_model
 from epic.training import TrainConfig, Trainer
 
 FAST = dict(batch_size=8, lr=0.05, progress=False, device="cpu", eval_batch_size=16,
@@ -86,13 +86,9 @@ def splits(tree):
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return create_model("convnet", num_classes=3, in_channels=3, channels=(4, 8), hidden=16)
-
-
-def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        assert torch.equal(x, y), name
+    """Three classes of 3-channel images, narrower still (channels 4 and 8, hidden 16)."""
+    return small_model(seed, num_classes=3, in_channels=3, channels=(4, 8), hidden=16,
+                       mean=None, std=None)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -218,39 +214,20 @@ def test_each_rank_streams_its_share_as_the_in_memory_path_slices_it(splits):
         torch.testing.assert_close(a, b)
 
 
-class Interrupt(Callback):
-    def on_epoch_start(self, trainer, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-
-
 def test_epic_on_a_stream_and_resume_after_an_interruption(splits, tmp_path):
     train, _, memory, _ = splits
     cfg = TrainConfig(epochs=4, **FAST)
-    straight = Trainer(tiny_model(), train, config=cfg,
-                       callbacks=[EpicDefense(warmup=1, interval=1, until=3,
-                                              subset_fraction=0.5)],
-                       out_dir=tmp_path / "a")
-    straight.fit()
-    held = Trainer(tiny_model(), memory, config=cfg,
-                   callbacks=[EpicDefense(warmup=1, interval=1, until=3,
-                                              subset_fraction=0.5)])
+
+    def epic():
+        return [EpicDefense(warmup=1, interval=1, until=3, subset_fraction=0.5)]
+
+    straight, resumed = straight_and_resumed(train, cfg, epic, tmp_path, model=tiny_model)
+    held = Trainer(tiny_model(), memory, config=cfg, callbacks=epic())
     held.fit()
     rounds = straight.callbacks[0].rounds
     assert len(rounds) >= 2 and int((~straight.active).sum()) > 0  # EPIC dropped examples
     assert torch.equal(straight.active, held.active)
     assert_same_weights(straight.model, held.model)
-
-    first = Trainer(tiny_model(), train, config=cfg,
-                    callbacks=[EpicDefense(warmup=1, interval=1, until=3, subset_fraction=0.5),
-                               Interrupt()], out_dir=tmp_path / "b")
-    with pytest.raises(KeyboardInterrupt):
-        first.fit()
-    first.close()
-    resumed = Trainer(tiny_model(99), train, config=cfg,
-                      callbacks=[EpicDefense(warmup=1, interval=1, until=3, subset_fraction=0.5),
-                                 Callback()], out_dir=tmp_path / "b")
-    resumed.fit()
     assert resumed.epoch == 4 and torch.equal(resumed.active, straight.active)
     assert_same_weights(straight.model, resumed.model)
 

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 
+from conftest import small_model, straight_and_resumed
 from epic._errors import EpicError
 from epic.data import ImageTensors
 from epic.data.augment import random_crop, random_flip
 from epic.defenses import EpicDefense, create_defense, list_defenses
-from epic.models import create_model
-from epic.training import Callback, TrainConfig, Trainer
+from epic.training import TrainConfig, Trainer
 
 FAST = dict(batch_size=64, lr=0.05, augment="none", progress=False)
-
-
-def small_model(seed=0):
-    torch.manual_seed(seed)
-    return create_model("convnet", num_classes=10, in_channels=1, mean=(0.3,), std=(0.38,))
 
 
 def test_random_crop_shifts_content_within_padding():
@@ -58,14 +56,29 @@ def test_config_validation_and_milestones():
             TrainConfig(**{key: value})
 
 
-def test_fp16_loss_scaling_only_on_cuda(digits):
-    """amp_dtype=float16 turns on a GradScaler on CUDA; on the CPU it is a pass-through and
-    training is the same as with bf16 (autocast is CUDA-only here)."""
+def test_autocast_and_fp16_loss_scaling_only_on_cuda(digits):
+    """amp_dtype picks autocast's dtype on CUDA, and float16 turns on a GradScaler there; on
+    the CPU autocast is off (a nullcontext, whatever the dtype) and the scaler a pass-through."""
     cfg = dict(epochs=1, **FAST)
     fp16 = Trainer(small_model(), digits[0], config=TrainConfig(amp_dtype="float16", **cfg))
     assert fp16.scaler.is_enabled() == torch.cuda.is_available()
     bf16 = Trainer(small_model(), digits[0], config=TrainConfig(**cfg))
-    assert fp16.fit()[-1]["train_loss"] == bf16.fit()[-1]["train_loss"]
+    off = Trainer(small_model(), digits[0], config=TrainConfig(amp=False, **cfg))
+    assert not bf16.scaler.is_enabled() and not off.scaler.is_enabled()
+    for trainer in (fp16, bf16, off):
+        if trainer.device.type == "cpu":
+            assert isinstance(trainer._autocast(), contextlib.nullcontext)
+    # what each setting asks for on a CUDA device (torch.autocast keeps its dtype even where
+    # CUDA is missing and it disables itself, with a warning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for trainer, dtype in ((fp16, torch.float16), (bf16, torch.bfloat16)):
+            trainer.cuda = True
+            autocast = trainer._autocast()
+            assert isinstance(autocast, torch.autocast)
+            assert autocast.device == "cuda" and autocast.fast_dtype == dtype
+        off.cuda = True
+        assert isinstance(off._autocast(), contextlib.nullcontext)
 
 
 def test_weight_decay_skips_norm_and_bias(digits):
@@ -86,34 +99,12 @@ def test_trainer_learns_digits(digits):
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
-class Interrupt(Callback):
-    def on_epoch_start(self, trainer, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-
-
 def test_resume_reproduces_an_uninterrupted_run(digits, tmp_path):
     train, test = digits
     cfg = TrainConfig(epochs=4, **FAST)
-    straight = Trainer(small_model(), train, config=cfg,
-                       callbacks=[EpicDefense(warmup=1, interval=1)], out_dir=tmp_path / "a")
-    straight.fit()
-
-    first = Trainer(small_model(), train, config=cfg,
-                    callbacks=[EpicDefense(warmup=1, interval=1), Interrupt()],
-                    out_dir=tmp_path / "b")
-    with pytest.raises(KeyboardInterrupt):
-        first.fit()
-    assert first.epoch == 2
-    resumed = Trainer(small_model(seed=99), train, config=cfg,
-                      callbacks=[EpicDefense(warmup=1, interval=1), Callback()],
-                      out_dir=tmp_path / "b")
-    resumed.fit()
-    assert resumed.epoch == 4
+    straight, resumed = straight_and_resumed(
+        train, cfg, lambda: [EpicDefense(warmup=1, interval=1)], tmp_path)
     assert torch.equal(resumed.active, straight.active)
-    for (name, a), b in zip(straight.model.state_dict().items(),
-                            resumed.model.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
     assert [e["event"] for e in resumed.events] == [e["event"] for e in straight.events]
     def no_time(rounds):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in rounds]
