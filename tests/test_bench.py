@@ -88,9 +88,10 @@ def test_report_tables_and_plots(finished, tmp_path):
     assert all(line.count("HIT") + line.count("miss") == 3 for line in per_target)
     assert (tmp_path / "tradeoff.png").stat().st_size > 1000
     assert "rounds" in result["paths"]
-    none = next(s for s in result["scores"] if s.defense == "none")
-    assert none.time_ratio == pytest.approx(1.0)
-    assert 0 <= none.success <= 1 and none.success_se >= 0
+    by = {s.defense: s for s in result["scores"]}
+    none, epic = by["none"], by["epic-0.2"]
+    assert epic.time_ratio == pytest.approx(epic.seconds / none.seconds)
+    assert none.success_se == pytest.approx((none.success * (1 - none.success) / 2) ** 0.5)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -148,12 +149,12 @@ def test_cli_defense_filter_errors(tmp_path, capsys):
     assert "--attack 'nope' is not in the config" in capsys.readouterr().err
 
 
-def _row(defense, trial, hit, replicate=0, match=None):
+def _row(defense, trial, hit, replicate=0, match=None, seconds=1.0):
     return {"attack": "a", "victim": "v", "defense": defense, "seed": 0, "trial": trial,
             "replicate": replicate, "match": match,
             "summary": {"attack_success": hit, "clean_test_acc": 0.9, "poisons_total": 10,
                         "poisons_dropped": 0, "clean_dropped": 0, "train_examples": 100,
-                        "wall_seconds": 1.0}}
+                        "wall_seconds": seconds}}
 
 
 def test_score_counts_robust_hits_stops_beyond_random_and_flips():
@@ -163,7 +164,7 @@ def test_score_counts_robust_hits_stops_beyond_random_and_flips():
             (3, [False, False, False]), (4, [True, True, True])]
     rows = [_row("none", t, h, r) for t, hits in none for r, h in enumerate(hits)]
     # the defense stops targets 0, 2 and 4 (robust) and 1 (not robust), flips target 3
-    rows += [_row("d", t, t == 3) for t in range(5)]
+    rows += [_row("d", t, t == 3, seconds=1.0 + t) for t in range(5)]  # mean 3 s
     # its matched random drop also stops target 2
     rows += [_row("rand", t, t != 2, match="d") for t in range(5)]
     by = {s.defense: s for s in score(rows)}
@@ -171,6 +172,7 @@ def test_score_counts_robust_hits_stops_beyond_random_and_flips():
     assert (d.trials, d.replicates, d.robust) == (5, 3, 3)  # targets 0, 2, 4
     assert d.robust_success == 0.0 and d.stopped == 3 and d.stopped_vs_random == 2
     assert d.flips == 1.0 and d.success == 0.2
+    assert d.time_ratio == pytest.approx(3.0)  # over the undefended first seed's 1 s
     assert by["none"].trials == 5 and by["none"].success == 0.8  # first seed only
     assert by["none"].robust_success == 1.0 and by["rand"].stopped_vs_random is None
     assert "3 targets hit by the undefended victim with all 3" in markdown(score(rows))

@@ -60,6 +60,7 @@ def _throughput_dataset() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_train_throughput_quick(tmp_path):
     dataset = _throughput_dataset()
     if dataset is None:
@@ -99,6 +100,7 @@ def proxy_pass_bench(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_proxy_pass_config_runs_both_passes(proxy_pass_bench):
     rows = {r["defense"]: r for r in read_results(proxy_pass_bench)}
     assert set(rows) == {"none", "epic-0.1-separate", "epic-0.1-training"}
@@ -108,6 +110,7 @@ def test_proxy_pass_config_runs_both_passes(proxy_pass_bench):
         assert rows[label]["summary"]["defense_summary"]["selection_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_gm_alignment_reads_a_bench_folder(proxy_pass_bench, tmp_path):
     data = run_script("gm_alignment.py", tmp_path, "--bench", str(proxy_pass_bench))
     assert data["benchmark"] == "gm_alignment"
@@ -119,6 +122,7 @@ def test_gm_alignment_reads_a_bench_folder(proxy_pass_bench, tmp_path):
         assert 0 <= r[f"{model}_p_adv"] <= 1
 
 
+@pytest.mark.slow
 def test_poison_clusters_reads_a_transfer_bench(tmp_path):
     cfg = load_bench_config({
         "name": "tiny-transfer", "dataset": "digits", "trials": 1,

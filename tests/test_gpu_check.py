@@ -95,6 +95,7 @@ def test_device_proxies_are_softmax_minus_onehot():
     assert projected.shape == (300, 3)
 
 
+@pytest.mark.slow
 def test_train_throughput_on_synthetic_images(tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"),
