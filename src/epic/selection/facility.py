@@ -389,8 +389,9 @@ def _exact_greedy(dist: _Distances, k: int, min_dist: Tensor, assignment: Tensor
             ends = torch.stack([lows.view(blocks, step).amin(1), highs.view(blocks, step).amax(1)])
             ends = torch.searchsorted(key, ends.add_(widen[:, None]), right=True)
             windows = ends.T.tolist()
+        # strict=False: an empty point set splits into one empty block but has no window
         for part, o, w, (a, b) in zip(point.split(step), old.unsqueeze(1).split(step),
-                                      new.unsqueeze(1).split(step), windows):
+                                      new.unsqueeze(1).split(step), windows, strict=False):
             block = full.narrow(1, a, b - a).index_select(0, part)  # d(i, c) = d(c, i)
             block = torch.sub(o, torch.maximum(block, w, out=block), out=block).clamp_(min=0)
             gain.narrow(0, a, b - a).sub_(block.sum(0))
