@@ -36,7 +36,7 @@ from ..data import (
     load_split,
     splice_poisons,
 )
-from ..defenses import DEFENSES, create_defense
+from ..defenses import DEFENSES, DefenseCallback, NoDefense, create_defense
 from ..models import create_model, load_model, read_model_spec, save_model
 from ..training import TrainConfig, Trainer
 
@@ -53,7 +53,7 @@ class RunConfig:
         data_root: folder holding the dataset files (ignored by ``digits``).
         model: registered model name (``epic list models``).
         width: base width for ResNet/VGG families (smaller is faster on CPU).
-        defense: ``none`` or ``epic`` (``epic list defenses``).
+        defense: a registered defense name (``epic list defenses``); ``None`` trains undefended.
         poisons: a poison file (``.npz``) or poisoning-benchmark folder, or ``None``. Its
             indices refer to the training split after ``train_slice``.
         eps: the poisons' L-inf bound out of 255, checked against them; needed when their
@@ -77,7 +77,7 @@ class RunConfig:
     data_root: str | None = None
     model: str = "convnet"
     width: int | None = None
-    defense: str = "epic"
+    defense: str | None = None
     poisons: str | None = None
     eps: float | None = None
     train_slice: str | None = None
@@ -239,7 +239,7 @@ def pretrain(cfg: RunConfig, path: str | Path, *, resume: bool = True) -> dict[s
     The run's files (config, metrics, checkpoint for resuming) go to ``cfg.out``; the model
     file holds the weights and the ``create_model`` spec, so :func:`load_model` rebuilds it.
     """
-    cfg = RunConfig(**{**cfg.to_dict(), "defense": "none", "poisons": None})
+    cfg = RunConfig(**{**cfg.to_dict(), "defense": None, "poisons": None})
     summary, trainer, spec = execute_run(cfg, resume=resume)
     if dist.is_main():
         save_model(path, trainer.model, spec, metadata={"summary": summary, "run": cfg.to_dict()})
@@ -264,11 +264,17 @@ def execute_run(cfg: RunConfig, *,
     if resume:
         _check_resumable(out, resolved)
     options = dict(cfg.defense_options)
-    if "seed" in inspect.signature(DEFENSES.get(cfg.defense)).parameters:
-        options.setdefault("seed", train_cfg.seed)  # a defense's own draws follow the run's
-    defense = create_defense(cfg.defense, **options)
+    if cfg.defense is None:  # undefended
+        if options:
+            raise EpicError(f"defense options {sorted(options)} given without a defense; name "
+                            "one (epic list defenses)")
+        defense: DefenseCallback = NoDefense()
+    else:
+        if "seed" in inspect.signature(DEFENSES.get(cfg.defense)).parameters:
+            options.setdefault("seed", train_cfg.seed)  # a defense's draws follow the run's
+        defense = create_defense(cfg.defense, **options)
     if cfg.stream and defense.needs_images:
-        raise EpicError(f"defense '{cfg.defense}' needs every training image in memory; drop "
+        raise EpicError(f"defense '{defense.name}' needs every training image in memory; drop "
                         f"--stream or choose another defense")
     data = prepare_data(cfg, seed=train_cfg.seed)
     train, test, poisons = data["train"], data["test"], data["poisons"]
@@ -290,7 +296,7 @@ def execute_run(cfg: RunConfig, *,
 
     last = history[-1]
     summary: dict[str, Any] = {
-        "dataset": cfg.dataset, "model": spec["name"], "defense": cfg.defense,
+        "dataset": cfg.dataset, "model": spec["name"], "defense": defense.name,
         "epochs": train_cfg.epochs, "train_examples": len(train),
         "clean_test_acc": last.get("test_acc"),
     }
