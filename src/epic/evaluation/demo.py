@@ -187,7 +187,7 @@ def _plot(path: Path, rows: list[dict[str, Any]], first_round: dict[str, Any] | 
         ax.set_xticks(range(4), [f"{name}\n({int(mask.sum())})" for name, mask, _ in groups],
                       fontsize=8)
         ax.set_yscale("log")
-        ax.set_ylabel("|softmax - onehot| (log)")
+        ax.set_ylabel("|softmax - onehot| (log scale, floor 1e-6)")
         ax.set_title(f"class {first_round['adv']} in EPIC's first round")
     # Outcome per target: a cell per (defense, target), red for a hit, green for a miss.
     ax = axes[1]
