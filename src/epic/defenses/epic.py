@@ -76,8 +76,8 @@ class EpicDefense(DropDefense):
         self.record_proxies = record_proxies
         self.proxies: list[dict[str, torch.Tensor]] = []
         # proxy_pass="training": this process's (indices, logits) of the epoch before a round
+        # (recorded only then, and cleared at every epoch's start after the round used them)
         self._recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._recorded_epoch = -1
 
     def on_train_start(self, trainer: Any) -> None:
         if self._until is None:
@@ -93,11 +93,11 @@ class EpicDefense(DropDefense):
     def on_batch_end(self, trainer: Any, batch: BatchEnd) -> None:
         if self.proxy_pass == "training" and self.schedule.is_selection_epoch(batch.epoch + 1):
             self._recorded.append((batch.indices, batch.logits))  # they feed the next round
-            self._recorded_epoch = batch.epoch
 
-    def _training_logits(self, trainer: Any, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, K) logits the training steps of epoch ``epoch - 1`` computed, every process's,
-        and the (N,) mask of the examples that were trained on (the others are zeros)."""
+    def _training_logits(self, trainer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, K) logits the training steps of the epoch before the round computed, every
+        process's, and the (N,) mask of the examples that were trained on (the others are
+        zeros)."""
         idx = [i for i, _ in self._recorded]
         rows = [z for _, z in self._recorded]
         k = rows[0].shape[1]
@@ -110,12 +110,11 @@ class EpicDefense(DropDefense):
         seen[flat_idx] = True
         return logits, seen
 
-    def _logits(self, trainer: Any, idx: torch.Tensor, epoch: int) -> tuple[torch.Tensor, Any]:
+    def _logits(self, trainer: Any, idx: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """The round's logits (and features) of the examples ``idx`` (every example)."""
-        if self.proxy_pass != "training" or not self._recorded \
-                or self._recorded_epoch != epoch - 1:  # e.g. right after a resume
+        if not self._recorded:  # the separate pass, or nothing recorded (right after a resume)
             return trainer.predict(idx, features=self.proxy == "last-layer", amp=False)
-        logits, seen = self._training_logits(trainer, epoch)
+        logits, seen = self._training_logits(trainer)
         missing = (~seen).nonzero().squeeze(1)  # not trained on: dropped
         if len(missing):
             logits[missing] = trainer.predict(missing.cpu(), amp=False)[0]
@@ -140,7 +139,7 @@ class EpicDefense(DropDefense):
         # their neighbours becoming the next isolated points once they are gone.
         pool = torch.ones_like(trainer.active)
         idx = pool.nonzero().squeeze(1)
-        logits, feats = self._logits(trainer, idx, epoch)
+        logits, feats = self._logits(trainer, idx)
         labels = trainer.labels.index_select(0, idx.to(trainer.labels.device))
         proxies = gradient_proxy(logits, labels, feats)
         dropped, fields = self._decide(trainer, proxies, labels)
