@@ -13,7 +13,7 @@ from epic.evaluation import load_bench_config, read_results, run_bench, write_re
 
 TINY = {
     "name": "tiny", "dataset": "digits", "trials": 2, "replicates": 2,
-    "surrogate": {"model": "convnet", "epochs": 2, "lr": 0.05},
+    "surrogate": {"model": "convnet", "epochs": 2, "lr": 0.05, "milestones": []},
     "victim": {"scenario": "transfer", "epochs": 3, "lr": 0.01},
     "attacks": [{"name": "bullseye-polytope", "num_poisons": 8, "eps": 32,
                  "options": {"steps": 5}}],
@@ -52,6 +52,9 @@ def test_every_cell_runs_once_with_its_config(finished):
         assert (rand["poisons_dropped"] + rand["clean_dropped"]
                 == epic["poisons_dropped"] + epic["clean_dropped"])
     assert any(r["rounds"] for r in rows if r["defense"] == "epic-0.2")
+    # the surrogate takes the victim's training keys (here: a constant learning rate)
+    sur = yaml.safe_load((out / "surrogates" / "seed0.pt.run" / "config.yaml").read_text())
+    assert sur["train"]["milestones"] == [] and sur["train"]["epochs"] == 2
 
 
 def test_resume_skips_finished_cells(finished, monkeypatch):

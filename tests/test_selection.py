@@ -142,6 +142,22 @@ def test_selection_invariants():
     assert torch.equal(res.dropped, (~res.keep).nonzero().squeeze(1))
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_classes_in_parallel_give_the_serial_result_and_restore_threads(threads):
+    x, y, _ = planted(n_per_cluster=60, outliers=4, classes=5, seed=2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = EPIC(subset_fraction=0.1).select(x, y)
+        torch.set_num_threads(threads)
+        parallel = EPIC(subset_fraction=0.1).select(x, y)
+        assert torch.get_num_threads() == threads  # the pool's one thread each is undone
+    finally:
+        torch.set_num_threads(before)
+    for name in ("keep", "medoids", "cluster_sizes", "assignment"):
+        assert torch.equal(getattr(serial, name), getattr(parallel, name)), name
+
+
 def test_budget_is_proportional_with_a_minimum_of_one():
     epic = EPIC(subset_fraction=0.1)
     assert [epic.budget(n) for n in (1, 4, 5, 10, 5000)] == [1, 1, 1, 1, 500]

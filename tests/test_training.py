@@ -48,7 +48,7 @@ def test_config_validation_and_milestones():
     with pytest.raises(EpicError, match="amp_dtype.*bfloat16"):
         TrainConfig(amp_dtype="fp8")
     # a string from YAML is named as such (type before range), never a TypeError
-    for key, value, message in [("lr", "0.1", "lr must be a number"),
+    for key, value, message in [("lr", "0.1", "lr must be a finite number"),
                                 ("momentum", 1.0, "momentum must be >= 0 and < 1"),
                                 ("milestones", "0.5", "milestones must be a list of numbers"),
                                 ("amp", "yes", "amp must be true or false")]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -62,9 +63,10 @@ def check_labels(labels: Any, n: int, num_classes: int | None = None) -> torch.T
 def check_number(name: str, value: Any, *, minimum: float | None = None,
                  maximum: float | None = None, low_open: bool = False,
                  high_open: bool = False) -> float:
-    """Require a real number (not a bool or a string), optionally within bounds."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise EpicError(f"{name} must be a number, got {value!r}")
+    """Require a finite real number (not a bool, a string, NaN or inf), optionally within
+    bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise EpicError(f"{name} must be a finite number, got {value!r}")
     low_bad = minimum is not None and (value <= minimum if low_open else value < minimum)
     high_bad = maximum is not None and (value >= maximum if high_open else value > maximum)
     if low_bad or high_bad:

@@ -31,8 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._errors import EpicError
-from .._validation import check_int
+from .._validation import check_int, check_number
 from ..models.features import forward_with_features
 from .base import Attack, Target, ThreatModel, project, register_attack
 
@@ -82,8 +81,8 @@ class BullseyePolytope(Attack):
 
     def __init__(self, *, steps: int = 1500, lr: float = 0.04, tol: float = 0.0) -> None:
         self.steps = check_int("steps", steps, minimum=1)
-        self.lr = _check_number("lr", lr, positive=True)
-        self.tol = _check_number("tol", tol, positive=False)
+        self.lr = check_number("lr", lr, minimum=0, low_open=True)
+        self.tol = check_number("tol", tol, minimum=0)
 
     def _craft(self, models: list[nn.Module], base: Tensor, target_x: Tensor, target: Target,
                threat: ThreatModel, *, generator: torch.Generator,
@@ -131,11 +130,3 @@ class BullseyePolytope(Attack):
             final = float(bullseye_loss(models, poisons, target_feats))
         return poisons, {"initial_loss": initial, "final_loss": final, "steps": taken}
 
-
-def _check_number(name: str, value: Any, *, positive: bool) -> float:
-    """Require a finite real number, > 0 when ``positive`` else >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise EpicError(f"{name} must be a finite number, got {value!r}")
-    if (value <= 0) if positive else (value < 0):
-        raise EpicError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
-    return float(value)

@@ -43,8 +43,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._errors import EpicError
-from .._validation import check_int
+from .._validation import check_int, check_number
 from ..models.features import feature_dim, forward_with_features
 from .base import Attack, Target, ThreatModel, project, register_attack
 
@@ -112,9 +111,9 @@ class FeatureCollision(Attack):
     def __init__(self, *, steps: int = 1000, lr: float = 0.01, beta: float | None = None,
                  watermark: float = 0.0) -> None:
         self.steps = check_int("steps", steps, minimum=1)
-        self.lr = _check_number("lr", lr, low=0.0, low_open=True)
-        self.beta = None if beta is None else _check_number("beta", beta, low=0.0)
-        self.watermark = _check_number("watermark", watermark, low=0.0, high=1.0)
+        self.lr = check_number("lr", lr, minimum=0, low_open=True)
+        self.beta = None if beta is None else check_number("beta", beta, minimum=0)
+        self.watermark = check_number("watermark", watermark, minimum=0, maximum=1, high_open=True)
 
     def _craft(self, models: list[nn.Module], base: Tensor, target_x: Tensor, target: Target,
                threat: ThreatModel, *, generator: torch.Generator,
@@ -191,14 +190,3 @@ def _project(x: Tensor, base: Tensor, eps: float) -> Tensor:
     """``x`` moved into the eps ball around ``base`` and the ``[0, 1]`` box."""
     return base + project(x - base, base, eps)
 
-
-def _check_number(name: str, value: Any, *, low: float, low_open: bool = False,
-                  high: float | None = None) -> float:
-    """Require a finite real number in ``[low, high)`` (``(low, high)`` when ``low_open``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise EpicError(f"{name} must be a finite number, got {value!r}")
-    too_low = value <= low if low_open else value < low
-    if too_low or (high is not None and value >= high):
-        interval = f"{'(' if low_open else '['}{low:g}, {'inf' if high is None else f'{high:g}'})"
-        raise EpicError(f"{name} must be in {interval}, got {value!r}")
-    return float(value)

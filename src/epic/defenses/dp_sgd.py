@@ -11,7 +11,6 @@ wires them into the trainer. No privacy accounting is done: this is a defense, n
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -19,18 +18,10 @@ from torch import nn
 
 from .._callback import TrainingParts
 from .._errors import EpicError
+from .._validation import check_number
 from .base import DefenseCallback, register_defense
 
 __all__ = ["DPSGD"]
-
-
-def _check_number(name: str, value: Any, *, positive: bool) -> float:
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value) and (value > 0 if positive else value >= 0))
-    if not ok:
-        bound = "> 0" if positive else ">= 0"
-        raise EpicError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
 
 
 def _move_optimizer(optimizer: torch.optim.Optimizer, old: nn.Module, new: nn.Module) -> None:
@@ -89,9 +80,8 @@ class DPSGD(DefenseCallback):
     needs_images = True
 
     def __init__(self, *, noise_multiplier: float = 0.01, max_grad_norm: float = 4.0) -> None:
-        self.noise_multiplier = _check_number("noise_multiplier", noise_multiplier,
-                                              positive=False)
-        self.max_grad_norm = _check_number("max_grad_norm", max_grad_norm, positive=True)
+        self.noise_multiplier = check_number("noise_multiplier", noise_multiplier, minimum=0)
+        self.max_grad_norm = check_number("max_grad_norm", max_grad_norm, minimum=0, low_open=True)
         self.replaced: list[str] = []
         self.generator: torch.Generator | None = None
         self._pending_generator: torch.Tensor | None = None

@@ -9,7 +9,6 @@ away from those sharp regions, and (2) fresh random noise at every step, which s
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -18,23 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._errors import EpicError
-from .._validation import check_choice
+from .._validation import check_choice, check_number
 from .base import DefenseCallback, register_defense
 
 __all__ = ["FriendlyNoise", "NOISES", "friendly_perturbation"]
 
 NOISES = ("bernoulli", "uniform")
-
-
-def _check_number(name: str, value: Any, low: float, high: float, *,
-                  low_open: bool = False) -> float:
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value) and (value > low if low_open else value >= low)
-          and value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise EpicError(f"{name} must be a number in {interval}, got {value!r}")
-    return float(value)
 
 
 def friendly_perturbation(model: nn.Module, images: Tensor, *, eps: float = 16.0,
@@ -170,12 +158,13 @@ class FriendlyNoise(DefenseCallback):
                 or friendly_steps < 1):
             raise EpicError(f"friendly_steps must be an integer >= 1, got {friendly_steps!r}")
         self.epoch = epoch
-        self.friendly_eps = _check_number("friendly_eps", friendly_eps, 0, 127, low_open=True)
-        self.friendly_lambda = _check_number("friendly_lambda", friendly_lambda, 0, math.inf)
+        self.friendly_eps = check_number("friendly_eps", friendly_eps, minimum=0, maximum=127,
+                                         low_open=True)
+        self.friendly_lambda = check_number("friendly_lambda", friendly_lambda, minimum=0)
         self.friendly_steps = friendly_steps
-        self.friendly_lr = _check_number("friendly_lr", friendly_lr, 0, math.inf, low_open=True)
+        self.friendly_lr = check_number("friendly_lr", friendly_lr, minimum=0, low_open=True)
         self.noise = check_choice("noise", noise, NOISES)
-        self.noise_eps = _check_number("noise_eps", noise_eps, 0, 255)
+        self.noise_eps = check_number("noise_eps", noise_eps, minimum=0, maximum=255)
         self.at: int | None = epoch
         self.delta: Tensor | None = None
         self.record: dict[str, Any] = {}

@@ -112,8 +112,7 @@ _TOP_KEYS = {"name", "dataset", "data_root", "train_slice", "trials", "seeds", "
 _ATTACK_KEYS = {"name", "label", "budget", "eps", "num_poisons", "poison_class", "options",
                 "defense_options"}
 _DEFENSE_KEYS = {"name", "label", "options", "match"}
-_SURROGATE_KEYS = {"checkpoint", "model", "width", "epochs", "train_slice", "lr", "batch_size",
-                   "seed"}
+_SURROGATE_KEYS = {"checkpoint", "model", "width", "train_slice", *TRAIN_KEYS, "seed"}
 _VICTIM_KEYS = {"label", "model", "width", "train_size", "defense_options", *TRAIN_KEYS}
 
 
@@ -253,9 +252,10 @@ def _surrogate(cfg: BenchConfig, out: Path, root: str | None, seed: int) -> str:
         return str(path)
     path = out / "surrogates" / f"seed{seed}.pt"
     if not path.exists():
-        train = {"epochs": sur.get("epochs", 10), "lr": sur.get("lr", 0.1),
-                 "batch_size": sur.get("batch_size", 128), "seed": sur.get("seed", seed),
-                 "progress": False}
+        # the surrogate takes any training key (the victim's recipe, e.g. milestones: [])
+        train = {"epochs": 10, "lr": 0.1, "batch_size": 128,
+                 **{k: sur[k] for k in TRAIN_KEYS if k in sur},
+                 "seed": sur.get("seed", seed), "progress": False}
         pretrain(RunConfig(dataset=cfg.dataset, data_root=root, model=sur.get("model", "convnet"),
                            width=sur.get("width"), train_slice=sur.get("train_slice"),
                            out=str(path) + ".run", train=train), path)

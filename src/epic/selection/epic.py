@@ -10,6 +10,7 @@ nothing else is close enough to join its cluster. Clusters of no more than
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from .._errors import EpicError
 from .._validation import check_choice, check_fraction, check_int, check_labels
-from .facility import OPTIMIZERS, facility_location
+from .facility import OPTIMIZERS, FacilityLocationResult, facility_location
 from .proxy import METRICS, GradientProxy, as_proxy
 
 __all__ = ["EPIC", "SelectionResult"]
@@ -121,15 +122,12 @@ class EPIC:
 
         device = pts.device
         assignment = torch.arange(n, device=device)
+        members = [(c, (labels == c).nonzero().squeeze(1)) for c in chosen]
+        members = [(c, idx) for c, idx in members if len(idx) > self.cluster_threshold]
+        # (classes with too few examples for isolation to mean anything keep them all)
         medoids, sizes = [], []
-        for c in chosen:
-            idx = (labels == c).nonzero().squeeze(1)
-            if len(idx) <= self.cluster_threshold:
-                continue  # too few examples for isolation to mean anything: keep them all
-            gen = torch.Generator().manual_seed(_class_seed(self.seed, c))
-            res = facility_location(pts[idx], self.budget(len(idx)), metric=self.metric,
-                                    optimizer=self.optimizer, memory_mb=self.memory_mb,
-                                    generator=gen)
+        for idx, res in zip((idx for _, idx in members),
+                            _map_classes(self._select_class, pts, members), strict=True):
             medoids.append(idx[res.medoids])
             sizes.append(res.cluster_sizes)
             assignment[idx] = idx[res.medoids[res.assignment]]
@@ -144,6 +142,36 @@ class EPIC:
         keep = ~in_small[assignment]
         dropped = (~keep).nonzero().squeeze(1)
         return SelectionResult(keep, dropped, medoids_t, sizes_t, assignment)
+
+
+    def _select_class(self, pts: GradientProxy, c: int, idx: Tensor) -> FacilityLocationResult:
+        gen = torch.Generator().manual_seed(_class_seed(self.seed, c))
+        return facility_location(pts[idx], self.budget(len(idx)), metric=self.metric,
+                                 optimizer=self.optimizer, memory_mb=self.memory_mb,
+                                 generator=gen)
+
+
+def _map_classes(fn, pts: GradientProxy, members: list[tuple[int, Tensor]]
+                 ) -> list[FacilityLocationResult]:
+    """``fn(pts, c, idx)`` for every class. On a CPU with several torch threads the classes run
+    in parallel, one thread each: a class's greedy is a chain of small operations that one core
+    runs best, so classes side by side use the cores where threads inside each operation idle.
+    The results do not depend on the number of threads."""
+    threads = torch.get_num_threads()
+    if pts.device.type != "cpu" or threads < 2 or len(members) < 2:
+        return [fn(pts, c, idx) for c, idx in members]
+    # largest classes first, so that no thread is left with a big one at the end
+    order = sorted(range(len(members)), key=lambda k: -len(members[k][1]))
+    results: list[FacilityLocationResult | None] = [None] * len(members)
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=min(threads, len(members))) as pool:
+            futures = {k: pool.submit(fn, pts, *members[k]) for k in order}
+            for k, future in futures.items():
+                results[k] = future.result()
+    finally:
+        torch.set_num_threads(threads)
+    return results  # type: ignore[return-value]
 
 
 def _class_seed(seed: int, c: int) -> int:

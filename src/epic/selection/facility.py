@@ -124,9 +124,13 @@ class _Distances:
     def _matrix(self) -> tuple[Tensor, Tensor]:
         """The (n, n) distance matrix, built block by block in place, and its row sums."""
         n, storage = self.n, None
-        if self.cpu and _spare:  # pop: a concurrent call allocates its own
-            storage = _spare.pop()
-            if storage.dtype != self.sq.dtype or storage.numel() < n * n:
+        if self.cpu:
+            try:  # pop (atomic): a concurrent call finds another or allocates its own
+                storage = _spare.pop()
+            except IndexError:
+                storage = None
+            if storage is not None and (storage.dtype != self.sq.dtype
+                                        or storage.numel() < n * n):
                 storage = None
         self.storage = self.sq.new_empty(n * n) if storage is None else storage
         full = self.storage[:n * n].view(n, n)
@@ -150,7 +154,7 @@ class _Distances:
         """Done with the matrix: keep its CPU storage for the next one (see ``_SPARE_MB``)."""
         storage, self.full, self.storage = getattr(self, "storage", None), None, None
         if storage is not None and storage.numel() * storage.element_size() <= _SPARE_MB * _MiB:
-            _spare[:] = [storage]
+            _spare[:] = [storage, *_spare][:2]  # two: classes may run side by side
 
     def _compute(self, idx: Tensor) -> Tensor:
         blocks = [
