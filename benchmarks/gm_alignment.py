@@ -39,8 +39,7 @@ from epic.models import load_model  # noqa: E402
 def load_victim(run_dir: Path, train) -> torch.nn.Module:
     """The model a bench run trained, rebuilt from its ``config.yaml`` with its last weights."""
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    saved.pop("versions", None)
-    model = build_model(RunConfig(**saved), train)
+    model = build_model(RunConfig.from_dict(saved), train)
     state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     return model.eval()

@@ -39,6 +39,16 @@ def test_every_cell_runs_once_with_its_config(finished):
     assert read_results(out) == json.loads(json.dumps(rows))
     for r in rows:
         assert r["config"]["poisons"].startswith(str(out / "poisons"))
+        # the run's typed config as plain data: every training key, the defense and options
+        train, defense = r["config"]["train"], r["config"]["defense"]
+        assert train["seed"] == r["seeds"]["train"] and train["scenario"] == "transfer"
+        assert train["lr"] == 0.01 and train["epochs"] == 3 and not train["progress"]
+        assert defense["name"] == r["defense_name"]
+        if r["defense"] == "epic-0.2":
+            assert defense["options"] == {"subset_fraction": 0.2}
+        if r["defense"] == "random":
+            assert defense["options"] == {"count": r["summary"]["poisons_dropped"]
+                                          + r["summary"]["clean_dropped"]}
         assert {"bench", "train", "craft"} <= set(r["seeds"])
         assert r["env"]["torch"]
     # poisons are crafted once per trial and shared by every defense

@@ -105,7 +105,8 @@ def test_proxy_pass_config_runs_both_passes(proxy_pass_bench):
     rows = {r["defense"]: r for r in read_results(proxy_pass_bench)}
     assert set(rows) == {"none", "epic-0.1-separate", "epic-0.1-training"}
     for label in ("epic-0.1-separate", "epic-0.1-training"):
-        assert rows[label]["config"]["defense_options"]["proxy_pass"] == label.split("-")[-1]
+        assert rows[label]["config"]["defense"]["options"]["proxy_pass"] == \
+            label.split("-")[-1]
         assert rows[label]["summary"]["defense_summary"]["rounds"] >= 1
         assert rows[label]["summary"]["defense_summary"]["selection_seconds"] > 0
 

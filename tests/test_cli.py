@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 import yaml
 
+from epic import DefenseSpec, EpicError
 from epic.cli import main
 from epic.data import PoisonSet
+from epic.defenses import DEFENSES, list_defenses
 from epic.evaluation import RunConfig, run_training
+from epic.training import TrainConfig
 
 
 def run_cli(*args: str) -> tuple[int, str]:
@@ -86,7 +91,8 @@ def test_train_writes_config_metrics_and_summary(tmp_path, poison_file, capsys):
     printed = capsys.readouterr().out
     assert "poisons dropped:" in printed and "attack" in printed
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["train"]["epochs"] == 3 and config["defense"] == "epic"
+    assert config["train"]["epochs"] == 3 and config["defense"]["name"] == "epic"
+    assert config["defense"]["options"] == {"warmup": 1, "interval": 1}
     assert config["train"]["augment"] == "none"  # digits' default, resolved
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2, 3]
@@ -101,31 +107,105 @@ def test_train_writes_config_metrics_and_summary(tmp_path, poison_file, capsys):
 
 
 def test_rerun_resumes_from_the_checkpoint_and_a_changed_config_is_refused(tmp_path):
-    cfg = RunConfig(out=str(tmp_path / "run"), defense="none",
-                    train={"epochs": 2, "batch_size": 64, "lr": 0.05, "progress": False})
+    cfg = RunConfig(out=str(tmp_path / "run"), defense=DefenseSpec("none"),
+                    train=TrainConfig(epochs=2, batch_size=64, lr=0.05, progress=False))
     first = run_training(cfg)
     again = run_training(cfg)  # finished checkpoint: nothing is retrained
     assert again["clean_test_acc"] == first["clean_test_acc"]
     assert again["train_seconds"] == first["train_seconds"]
-    changed = RunConfig(**{**cfg.to_dict(), "train": {**cfg.train, "lr": 0.01}})
-    from epic import EpicError
-
+    changed = replace(cfg, train=replace(cfg.train, lr=0.01))
     with pytest.raises(EpicError, match="different config"):
         run_training(changed)
 
 
 def test_train_size_keeps_every_poison(tmp_path, poison_file):
-    cfg = RunConfig(out=str(tmp_path / "run"), defense="none", poisons=str(poison_file),
-                    train_size=300, train={"epochs": 1, "progress": False})
+    cfg = RunConfig(out=str(tmp_path / "run"), defense=DefenseSpec("none"),
+                    poisons=str(poison_file), train_size=300,
+                    train=TrainConfig(epochs=1, progress=False))
     summary = run_training(cfg)
     assert summary["train_examples"] == 300 and summary["poisons_total"] == 5
 
 
-def test_unknown_training_option_names_the_key(tmp_path):
-    from epic import EpicError
+def test_a_yaml_shaped_run_config_is_typed_and_round_trips():
+    raw = {"dataset": "digits", "out": "runs/x",
+           "defense": {"name": "epic", "options": {"warmup": 1, "subset_fraction": 0.2}},
+           "train": {"epochs": 3, "milestones": [0.5, 0.25], "augment": None}}
+    cfg = RunConfig(**raw)
+    assert cfg.train == TrainConfig(epochs=3, milestones=(0.25, 0.5))
+    assert cfg.train.augment is None  # the dataset's default, filled in by run_training
+    assert cfg.defense == DefenseSpec("epic", {"warmup": 1, "subset_fraction": 0.2})
+    data = cfg.to_dict()
+    assert data["train"]["milestones"] == [0.25, 0.5]
+    assert data["defense"] == raw["defense"]
+    assert yaml.safe_load(yaml.safe_dump(data)) == data  # plain data only
+    assert RunConfig(**data) == cfg == RunConfig.from_dict(json.loads(json.dumps(data)))
+    assert RunConfig(defense="jpeg").defense == DefenseSpec("jpeg")
+    assert RunConfig().to_dict()["defense"] is None
 
+
+def test_a_config_yaml_written_before_defense_specs_is_still_read():
+    old = {"dataset": "digits", "defense": "random-drop", "defense_options": {"count": 7},
+           "train": {"epochs": 1}, "versions": {"epic": "0.1.0"}}
+    cfg = RunConfig.from_dict(old)
+    assert cfg.defense == DefenseSpec("random-drop", {"count": 7})
+    assert cfg.train.epochs == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"train": {"epochz": 3}}, "unknown training option(s) ['epochz']; valid options are"),
+    ({"train": {"epochs": "3"}}, "epochs must be an integer, got '3'"),
+    ({"train": ["epochs"]}, "training options must be a mapping"),
+    ({"train": {"milestones": "0.5"}}, "milestones must be a list of numbers"),
+    ({"defense": "magic"}, "unknown defense 'magic'; choose from: "),
+    ({"defense": {"name": "magic"}}, "unknown defense 'magic'; choose from: "),
+    ({"defense": {"name": "epic", "opts": {}}}, "a defense is a name or a mapping"),
+    ({"defense": {"name": "epic", "options": [1]}}, "options of defense 'epic' must be"),
+    ({"defense": 3}, "a defense is a name or a mapping"),
+])
+def test_bad_run_config_shapes_are_one_line_errors(kwargs, message):
+    with pytest.raises(EpicError) as err:
+        RunConfig(**kwargs)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_training_option_names_the_key(tmp_path):
     with pytest.raises(EpicError, match="unknown training option"):
         run_training(RunConfig(out=str(tmp_path), train={"epochz": 3}))
+    with pytest.raises(EpicError, match="unknown run option"):
+        RunConfig.from_dict({"epochs": 3})
+
+
+def test_a_defense_option_it_does_not_take_is_named(tmp_path):
+    with pytest.raises(EpicError, match=r"defense 'random-drop' has no option\(s\) \['cnt'\]"):
+        run_training(RunConfig(out=str(tmp_path), defense=DefenseSpec("random-drop", {"cnt": 1})))
+
+
+def test_a_defense_spec_passes_the_run_seed_unless_its_options_set_one():
+    assert DefenseSpec("random-drop", {"count": 3}).create(seed=5).seed == 5
+    assert DefenseSpec("random-drop", {"count": 3, "seed": 2}).create(seed=5).seed == 2
+    assert DefenseSpec("jpeg").create(seed=5).name == "jpeg"  # takes no seed: not given one
+
+
+@pytest.mark.parametrize("name", [n for n in list_defenses() if n != "none"])
+def test_option_builds_every_defense_and_unset_training_flags_stay_unset(name, monkeypatch):
+    """``--option KEY=VALUE`` reaches any defense (here: one numeric option at its default),
+    and the run gets only the training flags given."""
+    params = inspect.signature(DEFENSES.get(name)).parameters
+    key, value = next((k, p.default) for k, p in params.items()
+                      if isinstance(p.default, (int, float)) and not isinstance(p.default, bool))
+    if name == "random-drop":
+        key, value = "count", 7
+    seen = []
+    monkeypatch.setattr("epic.evaluation.run_training", lambda cfg, resume: seen.append(cfg) or
+                        {"clean_test_acc": None, "clean_dropped": 0, "wall_seconds": 0.0})
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--defense", name, "--option", f"{key.replace('_', '-')}={value}",
+              "--epochs", "2"])
+    assert exit_.value.code == 0
+    (cfg,) = seen
+    assert cfg.defense == DefenseSpec(name, {key: value})
+    assert cfg.defense.create(seed=cfg.train.seed).name == name
+    assert cfg.train == TrainConfig(epochs=2)  # the rest are the library's defaults
 
 
 @pytest.mark.slow
@@ -148,8 +228,11 @@ def test_option_reaches_any_defense_and_unset_flags_keep_library_defaults(tmp_pa
                         "--epochs", "1", "--no-progress", "--out", str(tmp_path / "r"))
     assert code == 0, out
     config = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
-    assert config["defense_options"] == {"count": 7}
+    assert config["defense"] == {"name": "random-drop", "options": {"count": 7}}
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["clean_dropped"] == 7
     code, out = run_cli("train", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "e"))
     assert code == 0, out
-    assert yaml.safe_load((tmp_path / "e" / "config.yaml").read_text())["defense_options"] == {}
+    config = yaml.safe_load((tmp_path / "e" / "config.yaml").read_text())
+    assert config["defense"] == {"name": "epic", "options": {}}
+    # every training option the command was not given is the library's default
+    assert config["train"] == TrainConfig(epochs=1, progress=False, augment="none").to_dict()

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from epic import EpicError
+from epic import DefenseSpec, EpicError
 from epic.cli import main
 from epic.data import PoisonSet, load_split
 from epic.evaluation import (
@@ -18,13 +18,14 @@ from epic.evaluation import (
     pretrain,
     run_training,
 )
+from epic.training import TrainConfig
 
 
 @pytest.fixture(scope="module")
 def surrogate(tmp_path_factory):
     path = tmp_path_factory.mktemp("sur") / "s.pt"
-    pretrain(RunConfig(out=str(path) + ".run", train={"epochs": 3, "batch_size": 64,
-                                                       "lr": 0.05, "progress": False}), path)
+    pretrain(RunConfig(out=str(path) + ".run",
+                       train=TrainConfig(epochs=3, batch_size=64, lr=0.05, progress=False)), path)
     return path
 
 
@@ -104,6 +105,7 @@ def test_sleeper_agent_runs_are_scored_on_patched_source_images(surrogate, tmp_p
         targets=[(0, 3)], attack_options={"steps": 3, "flip": False},
         out=str(tmp_path / "p"), progress=False))
     summary = run_training(RunConfig(out=str(tmp_path / "run"), poisons=trials[0]["file"],
-                                     defense="none", train={"epochs": 1, "progress": False}))
+                                     defense=DefenseSpec("none"),
+                                     train=TrainConfig(epochs=1, progress=False)))
     assert 0.0 <= summary["backdoor_success"] <= 1.0
     assert summary["attack_success"] == (summary["backdoor_success"] > 0.5)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from epic import EpicError
-from epic.defenses import JpegCompression, create_defense, jpeg_compress
+from epic.defenses import DefenseSpec, JpegCompression, create_defense, jpeg_compress
 from epic.evaluation import RunConfig, run_training
+from epic.training import TrainConfig
 
 
 def smooth_images(n: int = 8, channels: int = 3, size: int = 32) -> torch.Tensor:
@@ -42,8 +43,8 @@ def test_jpeg_handles_grayscale_and_checks_quality():
 
 
 def test_jpeg_defense_trains_on_the_compressed_images(tmp_path):
-    cfg = RunConfig(out=str(tmp_path / "run"), defense="jpeg",
-                    train={"epochs": 1, "batch_size": 64, "progress": False})
+    cfg = RunConfig(out=str(tmp_path / "run"), defense=DefenseSpec("jpeg"),
+                    train=TrainConfig(epochs=1, batch_size=64, progress=False))
     summary = run_training(cfg)
     assert summary["defense_summary"]["quality"] == 50
     assert summary["defense_summary"]["mean_abs_change"] > 0

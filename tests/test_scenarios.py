@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from epic import EpicError
+from epic import DefenseSpec, EpicError
 from epic.evaluation import RunConfig, execute_run, pretrain
 from epic.evaluation.run import parse_slice
 from epic.models import create_model, find_classifier, load_model, read_model_spec, save_model
+from epic.training import TrainConfig
 
-FAST = {"epochs": 3, "batch_size": 64, "lr": 0.05, "progress": False}
+FAST = TrainConfig(epochs=3, batch_size=64, lr=0.05, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +49,10 @@ def test_bad_model_files(tmp_path, content, match):
 
 
 def test_transfer_trains_only_a_fresh_head(surrogate, tmp_path):
-    cfg = RunConfig(out=str(tmp_path / "t"), checkpoint=str(surrogate), defense="epic",
+    cfg = RunConfig(out=str(tmp_path / "t"), checkpoint=str(surrogate),
                     model="resnet20",  # ignored: the checkpoint fixes the architecture
-                    defense_options={"warmup": 1, "interval": 1},
-                    train={**FAST, "scenario": "transfer", "lr": 0.01})
+                    defense=DefenseSpec("epic", {"warmup": 1, "interval": 1}),
+                    train=replace(FAST, scenario="transfer", lr=0.01))
     summary, trainer, _ = execute_run(cfg, resume=False)
     pretrained = load_model(surrogate)
     head = find_classifier(trainer.model)
@@ -68,8 +71,9 @@ def test_transfer_trains_only_a_fresh_head(surrogate, tmp_path):
 
 
 def test_finetune_changes_the_extractor(surrogate, tmp_path):
-    cfg = RunConfig(out=str(tmp_path / "f"), checkpoint=str(surrogate), defense="none",
-                    train={**FAST, "epochs": 1, "scenario": "finetune", "lr": 0.01})
+    cfg = RunConfig(out=str(tmp_path / "f"), checkpoint=str(surrogate),
+                    defense=DefenseSpec("none"),
+                    train=replace(FAST, epochs=1, scenario="finetune", lr=0.01))
     _, trainer, _ = execute_run(cfg, resume=False)
     before = load_model(surrogate).state_dict()
     after = trainer.model.state_dict()
@@ -79,7 +83,7 @@ def test_finetune_changes_the_extractor(surrogate, tmp_path):
 
 def test_pretrained_scenarios_need_a_checkpoint(tmp_path):
     with pytest.raises(EpicError, match="--checkpoint"):
-        execute_run(RunConfig(out=str(tmp_path), train={**FAST, "scenario": "transfer"}))
+        execute_run(RunConfig(out=str(tmp_path), train=replace(FAST, scenario="transfer")))
 
 
 def test_train_slice():

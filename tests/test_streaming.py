@@ -29,7 +29,7 @@ from epic.evaluation import RunConfig, prepare_data
 from epic.training import TrainConfig, Trainer
 
 FAST = dict(batch_size=8, lr=0.05, progress=False, device="cpu", eval_batch_size=16,
-            milestones=(0.5,))
+            milestones=(0.5,), augment="crop-flip")
 CLASSES = ["cat", "dog", "fox"]
 
 

@@ -56,6 +56,22 @@ def test_config_validation_and_milestones():
             TrainConfig(**{key: value})
 
 
+def test_augment_defaults_to_the_datasets_and_the_trainer_needs_a_value(digits):
+    assert TrainConfig().augment is None  # run_training fills in the dataset's default
+    with pytest.raises(EpicError, match=r"augment is None.*'crop-flip'"):
+        Trainer(small_model(), digits[0], config=TrainConfig(epochs=1, progress=False))
+
+
+def test_config_from_and_to_plain_data():
+    cfg = TrainConfig.from_dict({"epochs": 3, "milestones": [0.5, 0.25], "lr": None})
+    assert cfg == TrainConfig(epochs=3, milestones=(0.25, 0.5))  # None keeps the default
+    data = cfg.to_dict()
+    assert data["milestones"] == [0.25, 0.5] and data["augment"] is None
+    assert TrainConfig.from_dict(data) == cfg
+    with pytest.raises(EpicError, match=r"unknown training option\(s\) \['epochz'\]"):
+        TrainConfig.from_dict({"epochz": 3})
+
+
 def test_autocast_and_fp16_loss_scaling_only_on_cuda(digits):
     """amp_dtype picks autocast's dtype on CUDA, and float16 turns on a GradScaler there; on
     the CPU autocast is off (a nullcontext, whatever the dtype) and the scaler a pass-through."""

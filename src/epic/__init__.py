@@ -5,12 +5,14 @@ effective poisons are isolated medoids in gradient space, and they are dropped.
 """
 
 from ._errors import EpicError
+from .defenses import DefenseSpec
 from .selection import EPIC, GradientProxy, SelectionResult, SelectionSchedule, gradient_proxy
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EPIC",
+    "DefenseSpec",
     "EpicError",
     "GradientProxy",
     "SelectionResult",

@@ -21,15 +21,20 @@ DatasetOpt = Annotated[str, typer.Option(help="Dataset name (epic list datasets)
 DataRootOpt = Annotated[Path | None, typer.Option(help="Folder with the dataset files.")]
 ModelOpt = Annotated[str, typer.Option(help="Model name (epic list models).")]
 WidthOpt = Annotated[int | None, typer.Option(help="Base width of ResNet/VGG models.")]
-EpochsOpt = Annotated[int, typer.Option(help="Training epochs.")]
-BatchOpt = Annotated[int, typer.Option(help="Batch size.")]
-LrOpt = Annotated[float, typer.Option(help="Initial learning rate.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
+# Training flags default to None: only those the user gives reach TrainConfig, whose own
+# defaults (the paper's recipe) rule the rest.
+EpochsOpt = Annotated[int | None, typer.Option(help="Training epochs.")]
+BatchOpt = Annotated[int | None, typer.Option(help="Batch size.")]
+LrOpt = Annotated[float | None, typer.Option(help="Initial learning rate.")]
 AugmentOpt = Annotated[str | None, typer.Option(
     help="crop-flip, crop, flip or none (default: the dataset's).")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-AmpOpt = Annotated[str, typer.Option(
+SeedOpt = Annotated[int | None, typer.Option(help="Seed for everything.")]
+TrainDeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+TrainProgressOpt = Annotated[bool | None, typer.Option(help="Show progress bars.")]
+AmpOpt = Annotated[str | None, typer.Option(
     help="Mixed precision on CUDA: bfloat16, float16 (with loss scaling) or off.")]
-ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
 
 
 class Kind(str, Enum):
@@ -62,9 +67,9 @@ def train(
     download: Annotated[bool, typer.Option(help="Download the official files if absent.")] = False,
     model: ModelOpt = "convnet",
     width: WidthOpt = None,
-    epochs: EpochsOpt = 40,
-    batch_size: BatchOpt = 128,
-    lr: LrOpt = 0.1,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
     augment: AugmentOpt = None,
     defense: Annotated[str, typer.Option(help="Defense (epic list defenses).")] = "epic",
     option: Annotated[list[str] | None, typer.Option(
@@ -94,31 +99,35 @@ def train(
         help="Train on a seeded subset of this many examples (poisons always kept).")] = None,
     train_slice: Annotated[str | None, typer.Option(
         help="START:STOP: only these training examples (poison indices refer to them).")] = None,
-    scenario: Annotated[str, typer.Option(
-        help="scratch, transfer (frozen extractor, new linear head) or finetune.")] = "scratch",
+    scenario: Annotated[str | None, typer.Option(
+        help="scratch, transfer (frozen extractor, new linear head) or finetune.")] = None,
     checkpoint: Annotated[Path | None, typer.Option(
         help="Pretrained model file (epic pretrain); needed by transfer and finetune.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for everything.")] = 0,
-    device: DeviceOpt = "auto",
-    amp: AmpOpt = "bfloat16",
+    seed: SeedOpt = None,
+    device: TrainDeviceOpt = None,
+    amp: AmpOpt = None,
     stream: Annotated[bool, typer.Option(
         help="Read images from their files as needed instead of loading them into memory "
              "(tinyimagenet, imagefolder).")] = False,
-    num_workers: Annotated[int, typer.Option(
-        help="DataLoader processes decoding streamed images (0: in the training process).")] = 0,
+    num_workers: Annotated[int | None, typer.Option(
+        help="DataLoader processes decoding streamed images (0: in the training process).")]
+    = None,
     image_size: Annotated[int | None, typer.Option(
         help="Resize and center-crop the images of tinyimagenet / imagefolder to this size.")]
     = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/train"),
     resume: Annotated[bool, typer.Option(help="Continue from OUT's checkpoint if any.")] = True,
-    progress: ProgressOpt = True,
+    progress: TrainProgressOpt = None,
 ) -> None:
     """Train a model, optionally on poisoned data, with or without a defense.
 
+    Training flags left unset keep the library's defaults (epic.training.TrainConfig).
     Writes OUT/config.yaml, OUT/metrics.jsonl, OUT/summary.json and OUT/checkpoint.pt.
     """
     from .._distributed import init_from_env, is_main
+    from ..defenses import DefenseSpec
     from ..evaluation import RunConfig, run_training
+    from ..training import TrainConfig
 
     init_from_env()  # under torchrun: one process per GPU, rank 0 prints
     options = _parse_options(option or [])
@@ -136,14 +145,14 @@ def train(
     cfg = RunConfig(
         dataset=dataset, data_root=None if data_root is None else str(data_root),
         download=download, stream=stream, image_size=image_size, model=model, width=width,
-        defense=defense,
+        defense=DefenseSpec(defense, options),
         poisons=None if poisons is None else str(poisons), eps=eps, train_size=train_size,
         out=str(out),
         train_slice=train_slice, checkpoint=None if checkpoint is None else str(checkpoint),
-        defense_options=options,
-        train={"epochs": epochs, "batch_size": batch_size, "lr": lr, "augment": augment,
-               "seed": seed, "device": device, "progress": progress, "scenario": scenario,
-               "num_workers": num_workers, **_amp_options(amp)},
+        train=TrainConfig.from_dict({  # None (unset) flags are dropped
+            "epochs": epochs, "batch_size": batch_size, "lr": lr, "augment": augment,
+            "seed": seed, "device": device, "progress": progress, "scenario": scenario,
+            "num_workers": num_workers, **_amp_options(amp)}),
     )
     summary = run_training(cfg, resume=resume)
     if is_main():
@@ -157,30 +166,32 @@ def pretrain(
     data_root: DataRootOpt = None,
     model: ModelOpt = "convnet",
     width: WidthOpt = None,
-    epochs: EpochsOpt = 40,
-    batch_size: BatchOpt = 128,
-    lr: LrOpt = 0.1,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
     augment: AugmentOpt = None,
     train_slice: Annotated[str | None, typer.Option(
         help="START:STOP: pretrain on these training examples only.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for everything.")] = 0,
-    device: DeviceOpt = "auto",
-    progress: ProgressOpt = True,
+    seed: SeedOpt = None,
+    device: TrainDeviceOpt = None,
+    progress: TrainProgressOpt = None,
 ) -> None:
     """Train a clean surrogate / feature extractor and save it with its config.
 
+    Training flags left unset keep the library's defaults (epic.training.TrainConfig).
     The run's files (config.yaml, metrics.jsonl, checkpoint.pt to resume) go to OUT.run/.
     """
     from .._distributed import is_main
     from ..evaluation import RunConfig
     from ..evaluation import pretrain as run_pretrain
+    from ..training import TrainConfig
 
     cfg = RunConfig(dataset=dataset, data_root=None if data_root is None else str(data_root),
-                    model=model, width=width, defense="none", train_slice=train_slice,
-                    out=str(out) + ".run",
-                    train={"epochs": epochs, "batch_size": batch_size, "lr": lr,
-                           "augment": augment, "seed": seed, "device": device,
-                           "progress": progress})
+                    model=model, width=width, train_slice=train_slice, out=str(out) + ".run",
+                    train=TrainConfig.from_dict({  # None (unset) flags are dropped
+                        "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                        "augment": augment, "seed": seed, "device": device,
+                        "progress": progress}))
     summary = run_pretrain(cfg, out)
     if is_main():
         typer.echo(f"clean test accuracy: {summary['clean_test_acc']:.4f}")
@@ -264,8 +275,10 @@ def _print_summary(summary: dict, out: Path) -> None:
     typer.echo(f"results: {out}/summary.json")
 
 
-def _amp_options(amp: str) -> dict[str, Any]:
-    """``--amp`` as TrainConfig fields."""
+def _amp_options(amp: str | None) -> dict[str, Any]:
+    """``--amp`` as TrainConfig fields (none when the flag is unset)."""
+    if amp is None:
+        return {}
     if amp == "off":
         return {"amp": False}
     from .._validation import check_choice

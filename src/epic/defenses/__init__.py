@@ -17,6 +17,7 @@ from .activation_clustering import ActivationClustering
 from .base import (
     DEFENSES,
     DefenseCallback,
+    DefenseSpec,
     NoDefense,
     create_defense,
     drop_record,
@@ -33,8 +34,8 @@ from .jpeg import JpegCompression, jpeg_compress
 from .random_drop import RandomDrop
 from .spectral import SpectralSignatures
 
-__all__ = ["ActivationClustering", "DEFENSES", "DPSGD", "DeepKNN", "DefenseCallback", "EpicDefense",
-           "EpicPlus",
+__all__ = ["ActivationClustering", "DEFENSES", "DPSGD", "DeepKNN", "DefenseCallback", "DefenseSpec",
+           "EpicDefense", "EpicPlus",
            "FilterDefense", "FilterResult", "FriendlyNoise", "JpegCompression", "NoDefense",
            "RandomDrop", "SpectralSignatures", "create_defense", "drop_record", "jpeg_compress",
            "list_defenses", "register_defense"]

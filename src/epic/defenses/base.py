@@ -6,16 +6,21 @@ owns the loop; the defense decides which examples stay active (filters) or chang
 
 from __future__ import annotations
 
+import copy
+import inspect
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .._callback import Callback
+from .._errors import EpicError
 from .._registry import Registry
 
-__all__ = ["DEFENSES", "DefenseCallback", "DropDefense", "NoDefense", "create_defense",
-           "drop_record", "list_defenses", "register_defense"]
+__all__ = ["DEFENSES", "DefenseCallback", "DefenseSpec", "DropDefense", "NoDefense",
+           "create_defense", "drop_record", "list_defenses", "register_defense"]
 
 DEFENSES: Registry[DefenseCallback] = Registry("defense")
 
@@ -33,6 +38,58 @@ def create_defense(name: str, **kwargs: Any) -> DefenseCallback:
 def list_defenses(pattern: str = "*") -> list[str]:
     """Registered defense names matching a shell-style pattern."""
     return DEFENSES.names(pattern)
+
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    """A defense as a run describes it: a registered name and its options.
+
+    The name is checked against the registry at once (one error line listing the valid
+    names); the options are checked against the defense's signature by :meth:`create`.
+
+    Args:
+        name: a registered defense name (``epic list defenses``).
+        options: keyword arguments of the defense (copied); ``None`` values keep the defaults.
+    """
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise EpicError(f"defense name must be a string, got {self.name!r}")
+        DEFENSES.get(self.name)  # an unknown name lists the registered ones
+        if not isinstance(self.options, Mapping):
+            raise EpicError(f"options of defense '{self.name}' must be a mapping of option "
+                            f"names to values, got {self.options!r}")
+        object.__setattr__(self, "options", dict(self.options))
+
+    @classmethod
+    def parse(cls, value: str | Mapping[str, Any] | DefenseSpec) -> DefenseSpec:
+        """A spec from a name, a ``{name, options}`` mapping (as YAML gives) or a spec."""
+        if isinstance(value, DefenseSpec):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, Mapping) and "name" in value and set(value) <= {"name", "options"}:
+            return cls(value["name"], value.get("options") or {})
+        raise EpicError(f"a defense is a name or a mapping {{name: ..., options: {{...}}}}, "
+                        f"got {value!r}")
+
+    def create(self, **defaults: Any) -> DefenseCallback:
+        """Build the defense. ``defaults`` (e.g. the run's ``seed``) go to a defense whose
+        factory takes them, unless :attr:`options` sets them."""
+        factory = DEFENSES.get(self.name)
+        try:
+            params = inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            params = {}
+        taken = {k: v for k, v in defaults.items() if k in params}
+        return DEFENSES.create(self.name, **{**taken, **self.options})
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name": ..., "options": {...}}``, plain data for YAML and JSON."""
+        return {"name": self.name, "options": copy.deepcopy(dict(self.options))}
 
 
 class DefenseCallback(Callback):

@@ -40,6 +40,7 @@ from .. import _distributed as dist
 from .._errors import EpicError
 from .._io import write_jsonl, write_yaml
 from ..data import load_split
+from ..defenses import DefenseSpec
 from ..training import TrainConfig
 from .craft import CraftConfig, choose_targets, craft_poisons
 from .run import RunConfig, pretrain, run_training
@@ -253,9 +254,9 @@ def _surrogate(cfg: BenchConfig, out: Path, root: str | None, seed: int) -> str:
     path = out / "surrogates" / f"seed{seed}.pt"
     if not path.exists():
         # the surrogate takes any training key (the victim's recipe, e.g. milestones: [])
-        train = {"epochs": 10, "lr": 0.1, "batch_size": 128,
-                 **{k: sur[k] for k in TRAIN_KEYS if k in sur},
-                 "seed": sur.get("seed", seed), "progress": False}
+        train = TrainConfig.from_dict({"epochs": 10, "lr": 0.1, "batch_size": 128,
+                                       **{k: sur[k] for k in TRAIN_KEYS if k in sur},
+                                       "seed": sur.get("seed", seed), "progress": False})
         pretrain(RunConfig(dataset=cfg.dataset, data_root=root, model=sur.get("model", "convnet"),
                            width=sur.get("width"), train_slice=sur.get("train_slice"),
                            out=str(path) + ".run", train=train), path)
@@ -265,18 +266,17 @@ def _surrogate(cfg: BenchConfig, out: Path, root: str | None, seed: int) -> str:
 def _victim_run(cfg: BenchConfig, victim: dict[str, Any], attack: dict[str, Any],
                 defense: dict[str, Any], options: dict[str, Any], poisons: str, surrogate: str,
                 root: str | None, seed: int, out: Path) -> RunConfig:
-    train = {k: victim[k] for k in TRAIN_KEYS if k in victim}
-    train.update(seed=seed, progress=False)
-    scenario = train.get("scenario", "scratch")
+    train = TrainConfig.from_dict({**{k: victim[k] for k in TRAIN_KEYS if k in victim},
+                                   "seed": seed, "progress": False})
     # per-victim, then per-attack options of this defense (e.g. the authors' EPIC schedule)
     extra = {**victim.get("defense_options", {}).get(defense["name"], {}),
              **attack.get("defense_options", {}).get(defense["name"], {})}
     return RunConfig(dataset=cfg.dataset, data_root=root, model=victim.get("model", "convnet"),
-                     width=victim.get("width"), defense=defense["name"], poisons=poisons,
-                     train_slice=cfg.train_slice,
-                     checkpoint=surrogate if scenario != "scratch" else None,
-                     train_size=victim.get("train_size"), out=str(out),
-                     defense_options={**extra, **options}, train=train)
+                     width=victim.get("width"),
+                     defense=DefenseSpec(defense["name"], {**extra, **options}),
+                     poisons=poisons, train_slice=cfg.train_slice,
+                     checkpoint=surrogate if train.scenario != "scratch" else None,
+                     train_size=victim.get("train_size"), out=str(out), train=train)
 
 
 def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
@@ -336,7 +336,7 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
                      "target_index": trial["target_index"],
                      "adv_label": trial["adv_label"], "summary": summary, "rounds": rounds,
                      "config": {**run_cfg.to_dict(), "attack": attack},
-                     "seeds": {"bench": cell.seed, "train": run_cfg.train["seed"],
+                     "seeds": {"bench": cell.seed, "train": run_cfg.train.seed,
                                "craft": cell.seed + cell.trial},
                      "env": env, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         if main:

@@ -19,13 +19,15 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .._io import write_json
+from ..defenses import DefenseSpec
+from ..training import TrainConfig
 from .craft import CraftConfig, choose_targets, craft_poisons
 from .run import RunConfig, execute_run, pretrain
 
@@ -72,11 +74,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     out = Path(cfg.out)
-    train_opts = {"batch_size": 64, "lr": 0.05, "seed": cfg.seed, "progress": False}
+    base = TrainConfig(batch_size=64, lr=0.05, seed=cfg.seed, progress=False)
     surrogate = out / "surrogate.pt"
     if not surrogate.exists():
         pretrain(RunConfig(dataset="digits", model="convnet", out=str(out / "surrogate.run"),
-                           train={**train_opts, "epochs": cfg.pretrain_epochs}), surrogate)
+                           train=replace(base, epochs=cfg.pretrain_epochs)), surrogate)
+    head = replace(base, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                   scenario="transfer")  # the victim's new linear head
     from ..data import load_split
 
     test = load_split("digits", None, train=False)
@@ -96,12 +100,10 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
                         "record_proxies": first_round is None} if defense == "epic" else {})
             if defense == "epic" and cfg.epic_until is not None:
                 options["until"] = cfg.epic_until
-            run_cfg = RunConfig(dataset="digits", checkpoint=str(surrogate), defense=defense,
-                                poisons=trial["file"], defense_options=options,
+            run_cfg = RunConfig(dataset="digits", checkpoint=str(surrogate),
+                                defense=DefenseSpec(defense, options), poisons=trial["file"],
                                 out=str(out / f"trial-{trial['trial']:03d}-{defense}"),
-                                train={**train_opts, "epochs": cfg.epochs, "lr": cfg.lr,
-                                       "weight_decay": cfg.weight_decay,
-                                       "scenario": "transfer"})
+                                train=head)
             summary, trainer, _ = execute_run(run_cfg, resume=False)
             row[defense] = {k: summary[k] for k in ("attack_success", "clean_test_acc",
                                                     "poisons_dropped", "poisons_total",

@@ -11,10 +11,10 @@ and rank 0 alone writes the files.
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from ..data import (
     load_split,
     splice_poisons,
 )
-from ..defenses import DEFENSES, DefenseCallback, NoDefense, create_defense
+from ..defenses import DefenseCallback, DefenseSpec, NoDefense
 from ..models import create_model, load_model, read_model_spec, save_model
 from ..training import TrainConfig, Trainer
 
@@ -48,12 +48,19 @@ __all__ = ["RunConfig", "build_model", "execute_run", "load_splits", "model_spec
 class RunConfig:
     """Everything a training run needs; ``None`` fields take the dataset's or library defaults.
 
+    A run is data + model + a :class:`~epic.training.TrainConfig` + a
+    :class:`~epic.defenses.DefenseSpec` (+ poisons). For YAML, ``train`` may also be a mapping
+    of training options and ``defense`` a name or a ``{name, options}`` mapping; both are
+    converted on construction (an unknown key or name is one error line). :meth:`to_dict`
+    gives plain data back, and ``RunConfig(**cfg.to_dict())`` rebuilds ``cfg``.
+
     Args:
         dataset: registered dataset name (``epic list datasets``).
         data_root: folder holding the dataset files (ignored by ``digits``).
         model: registered model name (``epic list models``).
         width: base width for ResNet/VGG families (smaller is faster on CPU).
-        defense: a registered defense name (``epic list defenses``); ``None`` trains undefended.
+        defense: the defense and its options (``epic list defenses``); ``None`` trains
+            undefended. A defense taking a ``seed`` gets the run's unless its options set one.
         poisons: a poison file (``.npz``) or poisoning-benchmark folder, or ``None``. Its
             indices refer to the training split after ``train_slice``.
         eps: the poisons' L-inf bound out of 255, checked against them; needed when their
@@ -62,14 +69,14 @@ class RunConfig:
             2,500 images as a fine-tuning set), before the poisons are spliced in.
         checkpoint: a model file from ``epic pretrain``; it fixes the architecture (``model``
             and ``width`` are then taken from it). Needed by the transfer and fine-tune
-            scenarios (``train["scenario"]``).
+            scenarios (``train.scenario``).
         train_size: train on a seeded subset of this many examples (the poisons always kept).
         out: output folder.
+        download: fetch the dataset's official files when they are absent.
         stream: read the training and test images from their files as they are needed
             (``tinyimagenet``, ``imagefolder``) instead of loading them into memory; the
             trainer's ``num_workers`` DataLoader workers decode them.
         image_size: resize and center-crop the images of a file-based dataset to this size.
-        defense_options: extra keyword arguments for the defense.
         train: the training hyperparameters; ``augment=None`` means the dataset's default.
     """
 
@@ -77,7 +84,7 @@ class RunConfig:
     data_root: str | None = None
     model: str = "convnet"
     width: int | None = None
-    defense: str | None = None
+    defense: DefenseSpec | None = None
     poisons: str | None = None
     eps: float | None = None
     train_slice: str | None = None
@@ -87,11 +94,44 @@ class RunConfig:
     download: bool = False
     stream: bool = False
     image_size: int | None = None
-    defense_options: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.train, TrainConfig):
+            self.train = TrainConfig.from_dict(self.train)
+        if self.defense is not None:
+            self.defense = DefenseSpec.parse(self.defense)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        """Rebuild from :meth:`to_dict`'s data or a run's ``config.yaml`` (its ``versions``
+        are ignored; a file written before :class:`DefenseSpec` existed is read too)."""
+        data = _upgraded(data)
+        data.pop("versions", None)
+        known = sorted(f.name for f in fields(cls))
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            raise EpicError(f"unknown run option(s) {unknown}; valid options are {known}")
+        return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data for YAML and JSON: ``train`` a dict, ``defense`` ``{name, options}``
+        or None."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["train"] = self.train.to_dict()
+        data["defense"] = None if self.defense is None else self.defense.to_dict()
+        return data
+
+
+def _upgraded(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with the layout of configs written before :class:`DefenseSpec` (a defense
+    name plus ``defense_options``) turned into the current one."""
+    data = dict(data)
+    if "defense_options" in data:
+        options = data.pop("defense_options") or {}
+        if isinstance(data.get("defense"), str):
+            data["defense"] = {"name": data["defense"], "options": options}
+    return data
 
 
 def parse_slice(text: str, n: int) -> torch.Tensor:
@@ -163,16 +203,10 @@ def prepare_data(cfg: RunConfig, seed: int = 0) -> dict[str, Any]:
 
 
 def _resolved_train_config(cfg: RunConfig) -> TrainConfig:
-    options = dict(cfg.train)
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise EpicError(f"unknown training option(s) {unknown}; valid options are {sorted(known)}")
-    if options.get("augment") is None:
-        options["augment"] = dataset_info(cfg.dataset).augmentation
-    if "milestones" in options:
-        options["milestones"] = tuple(options["milestones"])
-    return TrainConfig(**{k: v for k, v in options.items() if v is not None})
+    """``cfg.train`` with ``augment=None`` replaced by the dataset's default augmentation."""
+    if cfg.train.augment is not None:
+        return cfg.train
+    return replace(cfg.train, augment=dataset_info(cfg.dataset).augmentation)
 
 
 def _check_resumable(out: Path, resolved: dict[str, Any]) -> None:
@@ -181,7 +215,7 @@ def _check_resumable(out: Path, resolved: dict[str, Any]) -> None:
     if not (out / "checkpoint.pt").exists() or not saved.exists():
         return
     with open(saved) as f:
-        previous = yaml.safe_load(f) or {}
+        previous = _upgraded(yaml.safe_load(f) or {})
     previous.pop("versions", None)
     current = json.loads(json.dumps({k: v for k, v in resolved.items() if k != "versions"}))
     if previous != current:
@@ -239,7 +273,7 @@ def pretrain(cfg: RunConfig, path: str | Path, *, resume: bool = True) -> dict[s
     The run's files (config, metrics, checkpoint for resuming) go to ``cfg.out``; the model
     file holds the weights and the ``create_model`` spec, so :func:`load_model` rebuilds it.
     """
-    cfg = RunConfig(**{**cfg.to_dict(), "defense": None, "poisons": None})
+    cfg = replace(cfg, defense=None, poisons=None)
     summary, trainer, spec = execute_run(cfg, resume=resume)
     if dist.is_main():
         save_model(path, trainer.model, spec, metadata={"summary": summary, "run": cfg.to_dict()})
@@ -260,19 +294,11 @@ def execute_run(cfg: RunConfig, *,
     out = Path(cfg.out)
     resolved = {**cfg.to_dict(), "train": train_cfg.to_dict(),
                 "versions": {"epic": __version__, "torch": torch.__version__}}
-    resolved["train"]["milestones"] = list(train_cfg.milestones)
     if resume:
         _check_resumable(out, resolved)
-    options = dict(cfg.defense_options)
-    if cfg.defense is None:  # undefended
-        if options:
-            raise EpicError(f"defense options {sorted(options)} given without a defense; name "
-                            "one (epic list defenses)")
-        defense: DefenseCallback = NoDefense()
-    else:
-        if "seed" in inspect.signature(DEFENSES.get(cfg.defense)).parameters:
-            options.setdefault("seed", train_cfg.seed)  # a defense's draws follow the run's
-        defense = create_defense(cfg.defense, **options)
+    # undefended, or the defense whose draws follow the run's seed
+    defense: DefenseCallback = (NoDefense() if cfg.defense is None
+                                else cfg.defense.create(seed=train_cfg.seed))
     if cfg.stream and defense.needs_images:
         raise EpicError(f"defense '{defense.name}' needs every training image in memory; drop "
                         f"--stream or choose another defense")

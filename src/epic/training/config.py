@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .._errors import EpicError
@@ -30,7 +31,9 @@ class TrainConfig:
             (3/8, 5/8, 7/8 is the 40-epoch schedule of the poisoning literature).
         gamma: decay factor at each milestone.
         augment: ``"crop-flip"`` (random crop with padding + horizontal flip), ``"crop"``,
-            ``"flip"`` or ``"none"``.
+            ``"flip"`` or ``"none"``; ``None`` (default) means the dataset's own
+            (``dataset_info(name).augmentation``), which :func:`~epic.evaluation.run_training`
+            fills in. A :class:`~epic.training.Trainer` needs a concrete value.
         crop_padding: zero padding of the random crop.
         seed: seeds initialisation, order and augmentation.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
@@ -60,7 +63,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     milestones: tuple[float, ...] = field(default=(3 / 8, 5 / 8, 7 / 8))
     gamma: float = 0.1
-    augment: str = "crop-flip"
+    augment: str | None = None
     crop_padding: int = 4
     seed: int = 0
     device: str = "auto"
@@ -82,7 +85,8 @@ class TrainConfig:
         check_int("seed", self.seed, minimum=0)
         check_int("eval_every", self.eval_every, minimum=0)
         check_int("num_workers", self.num_workers, minimum=0)
-        check_choice("augment", self.augment, AUGMENTATIONS)
+        if self.augment is not None:
+            check_choice("augment", self.augment, AUGMENTATIONS)
         check_choice("scenario", self.scenario, SCENARIOS)
         check_choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
         check_number("lr", self.lr, minimum=0, low_open=True)
@@ -106,5 +110,24 @@ class TrainConfig:
         return sorted({min(self.epochs - 1, max(1, round(m * self.epochs)))
                        for m in self.milestones}) if self.epochs > 1 else []
 
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> TrainConfig:
+        """Build from a mapping such as a YAML section or parsed CLI flags.
+
+        ``None`` values are dropped, so unset options keep the defaults; an unknown key is an
+        :class:`~epic.EpicError` listing the valid ones.
+        """
+        if not isinstance(options, Mapping):
+            raise EpicError(f"training options must be a mapping of option names to values, "
+                            f"got {type(options).__name__}")
+        known = sorted(f.name for f in fields(cls))
+        unknown = sorted(str(k) for k in options if k not in known)
+        if unknown:
+            raise EpicError(f"unknown training option(s) {unknown}; valid options are {known}")
+        return cls(**{k: v for k, v in options.items() if v is not None})
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data (``milestones`` a list), for YAML and JSON; :meth:`from_dict` reads it."""
+        data = asdict(self)
+        data["milestones"] = list(self.milestones)
+        return data

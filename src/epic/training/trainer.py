@@ -40,7 +40,7 @@ from .._errors import EpicError
 from .._io import atomic_write, write_jsonl
 from ..data.augment import augment_batch
 from ..models.features import capture_features, find_classifier
-from .config import TrainConfig
+from .config import AUGMENTATIONS, TrainConfig
 
 __all__ = ["Trainer", "ImageSplit", "build_optimizer"]
 
@@ -111,7 +111,7 @@ class Trainer:
         train: the training split (poisons included), with ``images`` and ``labels``, or a
             streamed split (:class:`StreamedSplit`, e.g. :class:`epic.data.StreamingImages`)
             whose images are decoded by ``config.num_workers`` DataLoader workers as needed.
-        config: hyperparameters.
+        config: hyperparameters, with a concrete ``augment`` (not the dataset-default ``None``).
         test: optional clean test split for accuracy after every epoch (in memory or streamed).
         target: optional (C, H, W) uint8 image whose prediction is logged every epoch.
         poison_mask: optional (N,) bool mask of the poisons, for scoring defenses only; it
@@ -157,6 +157,10 @@ class Trainer:
                  poison_mask: Tensor | None = None, callbacks: Sequence[Callback] = (),
                  out_dir: str | Path | None = None) -> None:
         self.config = config or TrainConfig()
+        if self.config.augment is None:
+            raise EpicError("TrainConfig.augment is None (the dataset's default, which "
+                            "run_training fills in); give the Trainer one of "
+                            f"{list(AUGMENTATIONS)}")
         self.device = resolve_device(self.config.device)
         self.rank, self.world = dist.rank(), dist.world_size()
         if self.world > 1 and self.device.type == "cuda" and self.device.index is None:
