@@ -111,6 +111,8 @@ def test_report_tables_and_plots(finished, tmp_path):
     ({"defences": ["none"]}, "unknown key 'defences'"),
     ({"attacks": [{"name": "bullseye-polytope", "epsilon": 8}]}, "unknown key 'epsilon'"),
     ({"attacks": ["nope"]}, "unknown attack 'nope'"),
+    ({"attacks": [{"name": "bullseye-polytope", "eps": "8"}]},
+     r"attacks\[0\]: eps must be a finite number, got '8'"),
     ({"defenses": ["none", "nope"]}, "unknown defense 'nope'"),
     ({"defenses": [{"name": "random-drop", "match": "epic"}]}, "match"),
     ({"victim": {"epochs": 3, "learning_rate": 0.1}}, "unknown key 'learning_rate'"),

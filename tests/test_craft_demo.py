@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
+import yaml
 
-from epic import DefenseSpec, EpicError
+from epic import AttackSpec, DefenseSpec, EpicError
+from epic.attacks import ThreatModel
 from epic.cli import main
 from epic.data import PoisonSet, load_split
 from epic.evaluation import (
@@ -18,6 +20,7 @@ from epic.evaluation import (
     pretrain,
     run_training,
 )
+from epic.evaluation.demo import DemoConfig
 from epic.training import TrainConfig
 
 
@@ -27,6 +30,37 @@ def surrogate(tmp_path_factory):
     pretrain(RunConfig(out=str(path) + ".run",
                        train=TrainConfig(epochs=3, batch_size=64, lr=0.05, progress=False)), path)
     return path
+
+
+def test_an_attack_spec_reads_the_yaml_layout_and_round_trips():
+    raw = {"name": "gradient-matching", "budget": 0.02, "eps": 8, "options": {"steps": 3}}
+    spec = AttackSpec.parse(raw)
+    assert spec == AttackSpec("gradient-matching", ThreatModel(budget=0.02, eps=8), {"steps": 3})
+    data = spec.to_dict()
+    assert yaml.safe_load(yaml.safe_dump(data)) == data  # plain data only
+    assert AttackSpec.parse(data) == spec == AttackSpec.parse(spec)
+    assert AttackSpec.parse("bullseye-polytope") == AttackSpec("bullseye-polytope")
+    assert AttackSpec.parse({"name": "bullseye-polytope", "num_poisons": None}).threat == \
+        ThreatModel()  # None keeps the default
+    assert spec.create().steps == 3
+    cfg = CraftConfig(attack=raw, checkpoints=[])
+    assert cfg.attack == spec and cfg.to_dict()["attack"] == data
+
+
+@pytest.mark.parametrize("value, message", [
+    ("magic", "unknown attack 'magic'; choose from: "),
+    ({"name": "bullseye-polytope", "epsilon": 8}, "unknown key(s) ['epsilon'] of attack"),
+    ({"name": "bullseye-polytope", "eps": "8"}, "eps must be a finite number, got '8'"),
+    ({"name": "bullseye-polytope", "budget": 2}, "budget must be a fraction in (0, 1]"),
+    ({"name": "bullseye-polytope", "poison_class": 1.5}, "poison_class must be an integer"),
+    ({"name": "bullseye-polytope", "options": [1]}, "options of attack 'bullseye-polytope'"),
+    ({"eps": 8}, "an attack is a name or a mapping"),
+    (3, "an attack is a name or a mapping"),
+])
+def test_bad_attack_specs_are_one_line_errors(value, message):
+    with pytest.raises(EpicError) as err:
+        AttackSpec.parse(value)
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_choose_targets_never_picks_the_true_class(digits):
@@ -81,6 +115,19 @@ def test_craft_with_missing_checkpoint(tmp_path):
                                   out=str(tmp_path / "p"), progress=False))
 
 
+def test_the_demo_config_is_made_of_run_pieces():
+    cfg = DemoConfig(attack={"name": "feature-collision", "eps": 64},
+                     victim={"epochs": 5, "scenario": "transfer"},
+                     defense={"name": "epic", "options": {"until": 9}})
+    assert cfg.attack == AttackSpec("feature-collision", ThreatModel(eps=64))
+    assert cfg.victim == TrainConfig(epochs=5, scenario="transfer")
+    data = cfg.to_dict()
+    assert data["defense"] == {"name": "epic", "options": {"until": 9}}
+    assert json.loads(json.dumps(data)) == data  # plain data for demo.json
+    with pytest.raises(EpicError, match="defense must be an 'epic' spec, got 'jpeg'"):
+        DemoConfig(defense="jpeg")
+
+
 def test_demo_quick_mode(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["demo", "--quick", "--out", str(tmp_path / "demo")])
@@ -100,10 +147,11 @@ def test_demo_quick_mode(tmp_path, capsys):
 
 
 def test_sleeper_agent_runs_are_scored_on_patched_source_images(surrogate, tmp_path):
-    trials = craft_poisons(CraftConfig(
-        attack="sleeper-agent", checkpoints=[str(surrogate)], num_poisons=13, eps=16,
-        targets=[(0, 3)], attack_options={"steps": 3, "flip": False},
-        out=str(tmp_path / "p"), progress=False))
+    spec = AttackSpec("sleeper-agent", ThreatModel(eps=16, num_poisons=13),
+                      {"steps": 3, "flip": False})
+    trials = craft_poisons(CraftConfig(attack=spec, checkpoints=[str(surrogate)],
+                                       targets=[(0, 3)], out=str(tmp_path / "p"),
+                                       progress=False))
     summary = run_training(RunConfig(out=str(tmp_path / "run"), poisons=trials[0]["file"],
                                      defense=DefenseSpec("none"),
                                      train=TrainConfig(epochs=1, progress=False)))

@@ -5,6 +5,7 @@ effective poisons are isolated medoids in gradient space, and they are dropped.
 """
 
 from ._errors import EpicError
+from .attacks import AttackSpec
 from .defenses import DefenseSpec
 from .selection import EPIC, GradientProxy, SelectionResult, SelectionSchedule, gradient_proxy
 
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EPIC",
+    "AttackSpec",
     "DefenseSpec",
     "EpicError",
     "GradientProxy",

@@ -9,6 +9,7 @@ from . import (  # noqa: F401  (registration)
 from .base import (
     ATTACKS,
     Attack,
+    AttackSpec,
     Target,
     ThreatModel,
     as_ensemble,
@@ -21,6 +22,6 @@ from .base import (
     to_poison_set,
 )
 
-__all__ = ["ATTACKS", "Attack", "Target", "ThreatModel", "as_ensemble", "attack_summary",
-           "create_attack",
-           "list_attacks", "project", "register_attack", "select_bases", "to_poison_set"]
+__all__ = ["ATTACKS", "Attack", "AttackSpec", "Target", "ThreatModel", "as_ensemble",
+           "attack_summary", "create_attack", "list_attacks", "project", "register_attack",
+           "select_bases", "to_poison_set"]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import abc
 import copy
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -21,12 +21,13 @@ from torch import Tensor, nn
 from .._device import resolve_device
 from .._errors import EpicError
 from .._registry import Registry
-from .._validation import check_int
+from .._validation import check_int, check_number
 from ..data import ImageTensors, PoisonSet
 
 __all__ = [
     "ATTACKS",
     "Attack",
+    "AttackSpec",
     "Target",
     "ThreatModel",
     "attack_summary",
@@ -84,18 +85,86 @@ class ThreatModel:
     num_poisons: int | None = None
 
     def __post_init__(self) -> None:
-        if not 0 < self.budget <= 1:
+        # type first (a string from YAML is one error line), then range
+        if not 0 < check_number("budget", self.budget) <= 1:
             raise EpicError(f"budget must be a fraction in (0, 1], got {self.budget}")
-        if not 0 < self.eps <= 255:
+        if not 0 < check_number("eps", self.eps) <= 255:
             raise EpicError(f"eps must be in (0, 255] pixel units (e.g. 8 or 16), got {self.eps}")
         if self.num_poisons is not None:
             check_int("num_poisons", self.num_poisons, minimum=1)
+        if self.poison_class is not None:
+            check_int("poison_class", self.poison_class, minimum=0)
 
     def count(self, n_train: int) -> int:
         """Number of poisons for a training set of ``n_train`` examples (at least 1)."""
         if self.num_poisons is not None:
             return self.num_poisons
         return max(1, int(round(self.budget * n_train)))
+
+
+_THREAT_KEYS = tuple(f.name for f in fields(ThreatModel))
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """An attack as a run describes it: a registered name, the threat model and the attack's
+    options (its hyperparameters).
+
+    The name is checked against the registry at once (one error line listing the valid
+    names); the options are checked against the attack's signature by :meth:`create`.
+
+    Args:
+        name: a registered attack name (``epic list attacks``).
+        threat: what the attacker may do (budget, eps, ...); default :class:`ThreatModel`'s.
+        options: keyword arguments of the attack, e.g. ``{"steps": 250}`` (copied); ``None``
+            values keep the defaults.
+    """
+
+    name: str
+    threat: ThreatModel = field(default_factory=ThreatModel)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise EpicError(f"attack name must be a string, got {self.name!r}")
+        ATTACKS.get(self.name)  # an unknown name lists the registered ones
+        if not isinstance(self.threat, ThreatModel):
+            raise EpicError(f"threat of attack '{self.name}' must be a ThreatModel, "
+                            f"got {self.threat!r}")
+        if not isinstance(self.options, Mapping):
+            raise EpicError(f"options of attack '{self.name}' must be a mapping of option "
+                            f"names to values, got {self.options!r}")
+        object.__setattr__(self, "options", dict(self.options))
+
+    @classmethod
+    def parse(cls, value: str | Mapping[str, Any] | AttackSpec) -> AttackSpec:
+        """A spec from a name, a spec, or a flat mapping as YAML gives it:
+        ``{name, budget, eps, num_poisons, poison_class, options}`` (all but ``name``
+        optional; ``None`` keeps a default). :meth:`to_dict` gives the same layout."""
+        if isinstance(value, AttackSpec):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        valid = {"name", "options", *_THREAT_KEYS}
+        if not isinstance(value, Mapping) or "name" not in value:
+            raise EpicError(f"an attack is a name or a mapping {{name: ..., eps: ..., "
+                            f"options: {{...}}}}, got {value!r}")
+        unknown = sorted(str(k) for k in value if k not in valid)
+        if unknown:
+            raise EpicError(f"unknown key(s) {unknown} of attack {value['name']!r}; valid keys "
+                            f"are {sorted(valid)}")
+        threat = {k: value[k] for k in _THREAT_KEYS if value.get(k) is not None}
+        return cls(value["name"], ThreatModel(**threat), value.get("options") or {})
+
+    def create(self) -> Attack:
+        """Build the attack with :attr:`options`."""
+        return create_attack(self.name, **self.options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name", "budget", "eps", "poison_class", "num_poisons", "options"}``, plain data
+        for YAML and JSON; :meth:`parse` reads it."""
+        threat = {k: getattr(self.threat, k) for k in _THREAT_KEYS}
+        return {"name": self.name, **threat, "options": copy.deepcopy(dict(self.options))}
 
 
 @dataclass(frozen=True)

@@ -244,17 +244,18 @@ def craft(
 ) -> None:
     """Craft poisons against one target (--target-index, --adv-class) or N random ones."""
     from .._errors import EpicError
+    from ..attacks import AttackSpec, ThreatModel
     from ..evaluation import CraftConfig, craft_poisons
 
     if (target_index is None) != (adv_class is None):
         raise EpicError("give --target-index and --adv-class together, or neither (random "
                         "targets)")
     pairs = [(target_index, adv_class)] if target_index is not None else []
-    cfg = CraftConfig(attack=attack, checkpoints=[str(p) for p in checkpoint], dataset=dataset,
+    spec = AttackSpec(attack, ThreatModel(budget=budget, eps=eps, num_poisons=num_poisons),
+                      _parse_options(option or []))
+    cfg = CraftConfig(attack=spec, checkpoints=[str(p) for p in checkpoint], dataset=dataset,
                       data_root=None if data_root is None else str(data_root),
                       train_slice=train_slice, targets=pairs, num_targets=targets,
-                      budget=budget, eps=eps, num_poisons=num_poisons,
-                      attack_options=_parse_options(option or []),
                       formats=("epic", "benchmark") if benchmark_format else ("epic",),
                       seed=seed, device=device, out=str(out), progress=progress)
     for record in craft_poisons(cfg):
@@ -299,12 +300,17 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/
     Pretrains a surrogate, crafts poisons against random targets, trains the victim's linear
     head on the poisoned data with and without EPIC, prints a table and writes OUT/demo.png.
     """
+    from dataclasses import replace
+
     from ..evaluation.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out=str(out), attack=attack, targets=targets, seed=seed)
+    cfg = DemoConfig(out=str(out), targets=targets, seed=seed)
+    cfg.attack = replace(cfg.attack, name=attack)  # the demo's threat model and steps
     if quick:
-        cfg.targets, cfg.pretrain_epochs, cfg.epochs = 2, 4, 5
-        cfg.attack_options = {"steps": 20}
+        cfg.targets = 2
+        cfg.surrogate = replace(cfg.surrogate, epochs=4)
+        cfg.victim = replace(cfg.victim, epochs=5)
+        cfg.attack = replace(cfg.attack, options={"steps": 20})
     result = run_demo(cfg)
     typer.echo(f"\nwrote {out}/demo.json and {out}/demo.png in {result['seconds']:.0f} s")
 

@@ -39,6 +39,7 @@ from .. import __version__
 from .. import _distributed as dist
 from .._errors import EpicError
 from .._io import write_jsonl, write_yaml
+from ..attacks import AttackSpec, ThreatModel
 from ..data import load_split
 from ..defenses import DefenseSpec
 from ..training import TrainConfig
@@ -110,7 +111,8 @@ class Cell:
 
 _TOP_KEYS = {"name", "dataset", "data_root", "train_slice", "trials", "seeds", "replicates",
              "surrogate", "victim", "victims", "attacks", "defenses", "out"}
-_ATTACK_KEYS = {"name", "label", "budget", "eps", "num_poisons", "poison_class", "options",
+# an attack entry: the AttackSpec's flat keys, plus the bench's label and defense options
+_ATTACK_KEYS = {"name", "options", *(f.name for f in fields(ThreatModel)), "label",
                 "defense_options"}
 _DEFENSE_KEYS = {"name", "label", "options", "match"}
 _SURROGATE_KEYS = {"checkpoint", "model", "width", "train_slice", *TRAIN_KEYS, "seed"}
@@ -148,7 +150,6 @@ def _as_entries(where: str, value: Any, valid: set[str]) -> list[dict[str, Any]]
 
 def load_bench_config(source: str | Path | dict[str, Any]) -> BenchConfig:
     """Read and validate a benchmark config; errors name the offending key."""
-    from ..attacks import list_attacks
     from ..data import list_datasets
     from ..defenses import list_defenses
 
@@ -185,9 +186,10 @@ def load_bench_config(source: str | Path | dict[str, Any]) -> BenchConfig:
         raise EpicError("victims need distinct 'label's")
     attacks = _as_entries("attacks", raw["attacks"], _ATTACK_KEYS)
     for k, a in enumerate(attacks):
-        if a["name"] not in list_attacks():
-            raise EpicError(f"attacks[{k}]: unknown attack {a['name']!r}; choose from "
-                            f"{list_attacks()}")
+        try:
+            _attack_spec(a)  # the name and the threat model, checked before anything runs
+        except EpicError as err:
+            raise EpicError(f"attacks[{k}]: {err}") from None
     defenses = _as_entries("defenses", raw["defenses"], _DEFENSE_KEYS)
     seen: set[str] = set()
     for k, d in enumerate(defenses):
@@ -263,6 +265,13 @@ def _surrogate(cfg: BenchConfig, out: Path, root: str | None, seed: int) -> str:
     return str(path)
 
 
+def _attack_spec(entry: dict[str, Any]) -> AttackSpec:
+    """The :class:`AttackSpec` of an ``attacks:`` entry (its ``label`` and
+    ``defense_options`` are the bench's, not the attack's)."""
+    return AttackSpec.parse({k: v for k, v in entry.items()
+                             if k not in ("label", "defense_options")})
+
+
 def _victim_run(cfg: BenchConfig, victim: dict[str, Any], attack: dict[str, Any],
                 defense: dict[str, Any], options: dict[str, Any], poisons: str, surrogate: str,
                 root: str | None, seed: int, out: Path) -> RunConfig:
@@ -311,11 +320,8 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
             surrogate = _surrogate(cfg, out, root, cell.seed)
             pairs = choose_targets(test, cfg.trials, cell.seed)
             trials[cell.attack, cell.seed] = craft_poisons(CraftConfig(
-                attack=attack["name"], checkpoints=[surrogate], dataset=cfg.dataset,
-                data_root=root, train_slice=cfg.train_slice, targets=pairs,
-                budget=attack.get("budget", 0.01), eps=attack.get("eps", 16.0),
-                num_poisons=attack.get("num_poisons"), poison_class=attack.get("poison_class"),
-                attack_options=attack["options"], seed=cell.seed,
+                attack=_attack_spec(attack), checkpoints=[surrogate], dataset=cfg.dataset,
+                data_root=root, train_slice=cfg.train_slice, targets=pairs, seed=cell.seed,
                 out=str(out / "poisons" / cell.attack / f"seed{cell.seed}"), progress=False))
         trial = trials[cell.attack, cell.seed][cell.trial]
         defense = by_label[cell.defense]

@@ -7,6 +7,7 @@ file. A trial that already has its poison file is skipped, so an interrupted run
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .._errors import EpicError
 from .._io import write_json
-from ..attacks import Target, ThreatModel, create_attack
+from ..attacks import AttackSpec, Target
 from ..data import ImageTensors
 from ..models import load_model
 from .run import load_splits
@@ -30,33 +31,34 @@ class CraftConfig:
     """What to attack, with what, and where to write the poisons.
 
     Args:
-        attack: registered attack name (``epic list attacks``).
+        attack: the attack, its threat model and hyperparameters; a registered name (the
+            default threat model) or a mapping is turned into an :class:`AttackSpec`.
         dataset, data_root, train_slice: the victim's training split (as in ``epic train``).
         checkpoints: surrogate model files from ``epic pretrain`` (several = an ensemble).
         targets: explicit ``(test index, adversarial class)`` pairs; else ``num_targets``
             random ones drawn with ``seed`` (a test image and a class other than its own).
-        budget, eps, num_poisons, poison_class: the threat model.
-        attack_options: the attack's hyperparameters (e.g. ``steps``).
         formats: poison file formats to write: ``epic`` and/or ``benchmark``.
     """
 
-    attack: str
+    attack: AttackSpec
     checkpoints: list[str]
     dataset: str = "digits"
     data_root: str | None = None
     train_slice: str | None = None
     targets: list[tuple[int, int]] = field(default_factory=list)
     num_targets: int = 1
-    budget: float = 0.01
-    eps: float = 16.0
-    num_poisons: int | None = None
-    poison_class: int | None = None
-    attack_options: dict[str, Any] = field(default_factory=dict)
     formats: tuple[str, ...] = ("epic",)
     seed: int = 0
     device: str = "auto"
     out: str = "runs/poisons"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.attack = AttackSpec.parse(self.attack)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for ``targets.json`` (the attack as :meth:`AttackSpec.to_dict`)."""
+        return {**copy.deepcopy(self.__dict__), "attack": self.attack.to_dict()}
 
 
 def choose_targets(test: ImageTensors, count: int, seed: int,
@@ -76,15 +78,13 @@ def craft_poisons(cfg: CraftConfig, *, retrain: Any = None) -> list[dict[str, An
     """Craft every target's poisons; return one record per trial (also in targets.json)."""
     if not cfg.checkpoints:
         raise EpicError("crafting needs a surrogate: pass --checkpoint (from `epic pretrain`)")
-    attack = create_attack(cfg.attack, **cfg.attack_options)
-    threat = ThreatModel(budget=cfg.budget, eps=cfg.eps, num_poisons=cfg.num_poisons,
-                         poison_class=cfg.poison_class)
+    attack, threat = cfg.attack.create(), cfg.attack.threat
     train, test = load_splits(cfg.dataset, cfg.data_root, cfg.train_slice)
     models = [load_model(path) for path in cfg.checkpoints]
     pairs = list(cfg.targets) or choose_targets(test, cfg.num_targets, cfg.seed)
     out = Path(cfg.out)
     records: list[dict[str, Any]] = []
-    for k, (index, adv) in enumerate(tqdm(pairs, desc=f"{cfg.attack}", disable=not cfg.progress)):
+    for k, (index, adv) in enumerate(tqdm(pairs, desc=cfg.attack.name, disable=not cfg.progress)):
         trial = out / f"trial-{k:03d}"
         path = trial / "poisons.npz"
         record = {"trial": k, "target_index": index, "adv_label": adv, "file": str(path)}
@@ -101,6 +101,6 @@ def craft_poisons(cfg: CraftConfig, *, retrain: Any = None) -> list[dict[str, An
                 poisons.save(path if fmt == "epic" else trial / "benchmark", format=fmt)
         record["target_label"] = int(test.labels[index])
         records.append(record)
-        write_json(out / "targets.json", {"config": {**cfg.__dict__, "targets": pairs},
+        write_json(out / "targets.json", {"config": {**cfg.to_dict(), "targets": pairs},
                                           "trials": records})
     return records

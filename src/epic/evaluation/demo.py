@@ -18,15 +18,18 @@
 
 from __future__ import annotations
 
+import inspect
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._errors import EpicError
 from .._io import write_json
-from ..defenses import DefenseSpec
+from ..attacks import AttackSpec, ThreatModel
+from ..defenses import DEFENSES, DefenseSpec
 from ..training import TrainConfig
 from .craft import CraftConfig, choose_targets, craft_poisons
 from .run import RunConfig, execute_run, pretrain
@@ -34,31 +37,71 @@ from .run import RunConfig, execute_run, pretrain
 __all__ = ["DemoConfig", "run_demo"]
 
 
+def _surrogate_recipe() -> TrainConfig:
+    return TrainConfig(epochs=15, batch_size=64, lr=0.05, progress=False)
+
+
+def _victim_recipe() -> TrainConfig:
+    # The victim's new linear head on the surrogate's frozen features, trained to fit its data.
+    return TrainConfig(epochs=300, batch_size=64, lr=1.0, weight_decay=0.0,
+                       scenario="transfer", progress=False)
+
+
+def _epic_spec() -> DefenseSpec:
+    # Selection every epoch from epoch 1 up to and including the last learning-rate decay
+    # (the paper's rule; T=1 in transfer). ``until: 9`` is the authors' transfer script
+    # (epochs 1-9), which stopped fewer attacks in `configs/cpu-digits.yaml`.
+    return DefenseSpec("epic", {"subset_fraction": 0.1, "warmup": 1, "interval": 1})
+
+
 @dataclass
 class DemoConfig:
-    """Settings of :func:`run_demo` (the defaults are what ``make demo`` runs)."""
+    """Settings of :func:`run_demo` (the defaults are what ``make demo`` runs), made of the
+    pieces a run is made of.
+
+    Args:
+        out: output folder.
+        attack: the attack; default bullseye polytope, 13 poisons (1% of the 1,347 training
+            images), eps 128 (8x8 digits with 17 grey levels: at 64 the poisons do not work),
+            1000 steps. A name or a mapping becomes an :class:`~epic.attacks.AttackSpec`.
+        targets: number of random targets.
+        surrogate: training recipe of the surrogate ConvNet (the victim's feature extractor).
+        victim: training recipe of the victim's new linear head (``scenario="transfer"``).
+        defense: the EPIC spec compared with undefended training.
+        seed: seeds the targets, the crafting and both training recipes (it replaces their
+            ``seed``).
+        progress: show the crafting's progress bars.
+        threads: intra-op threads while the demo runs (restored after). The models are tiny,
+            so one thread is as fast on an idle machine, far faster on a busy one, and gives
+            the same numbers on every machine (float sums differ with the thread count).
+    """
 
     out: str = "runs/demo"
-    attack: str = "bullseye-polytope"
+    attack: AttackSpec = field(default_factory=lambda: AttackSpec(
+        "bullseye-polytope", ThreatModel(eps=128.0, num_poisons=13), {"steps": 1000}))
     targets: int = 8
-    num_poisons: int = 13  # 1% of the 1,347 training images
-    eps: float = 128.0  # 8x8 digits with 17 grey levels: at 64 the poisons do not work
-    attack_options: dict[str, Any] = field(default_factory=lambda: {"steps": 1000})
-    pretrain_epochs: int = 15
-    epochs: int = 300
-    lr: float = 1.0
-    weight_decay: float = 0.0
-    subset_fraction: float = 0.1
-    # Selection every epoch from epoch 1 up to and including the last learning-rate decay (the
-    # paper's rule; T=1 in transfer). An int ends earlier: 9 is the authors' transfer script
-    # (epochs 1-9), which stopped fewer attacks in `configs/cpu-digits.yaml`.
-    epic_until: int | None = None
+    surrogate: TrainConfig = field(default_factory=_surrogate_recipe)
+    victim: TrainConfig = field(default_factory=_victim_recipe)
+    defense: DefenseSpec = field(default_factory=_epic_spec)
     seed: int = 0
     progress: bool = True
-    # Intra-op threads while the demo runs (restored after). The models are tiny, so one thread
-    # is as fast on an idle machine, far faster on a busy one, and gives the same numbers on
-    # every machine (float sums differ with the thread count).
     threads: int = 1
+
+    def __post_init__(self) -> None:
+        self.attack = AttackSpec.parse(self.attack)
+        self.defense = DefenseSpec.parse(self.defense)
+        if self.defense.name != "epic":
+            raise EpicError(f"the demo compares undefended training with EPIC; defense must "
+                            f"be an 'epic' spec, got {self.defense.name!r}")
+        for name in ("surrogate", "victim"):
+            recipe = getattr(self, name)
+            if not isinstance(recipe, TrainConfig):
+                setattr(self, name, TrainConfig.from_dict(recipe))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for ``demo.json``: each piece by its own ``to_dict``."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in data.items()}
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -74,20 +117,17 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     out = Path(cfg.out)
-    base = TrainConfig(batch_size=64, lr=0.05, seed=cfg.seed, progress=False)
     surrogate = out / "surrogate.pt"
     if not surrogate.exists():
         pretrain(RunConfig(dataset="digits", model="convnet", out=str(out / "surrogate.run"),
-                           train=replace(base, epochs=cfg.pretrain_epochs)), surrogate)
-    head = replace(base, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                   scenario="transfer")  # the victim's new linear head
+                           train=replace(cfg.surrogate, seed=cfg.seed)), surrogate)
+    head = replace(cfg.victim, seed=cfg.seed)
     from ..data import load_split
 
     test = load_split("digits", None, train=False)
     pairs = choose_targets(test, cfg.targets, cfg.seed)
     trials = craft_poisons(CraftConfig(
         attack=cfg.attack, checkpoints=[str(surrogate)], dataset="digits", targets=pairs,
-        num_poisons=cfg.num_poisons, eps=cfg.eps, attack_options=dict(cfg.attack_options),
         seed=cfg.seed, out=str(out / "poisons"), progress=cfg.progress))
 
     rows: list[dict[str, Any]] = []
@@ -95,13 +135,11 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     for trial in trials:
         row: dict[str, Any] = {"target": trial["target_index"], "true": trial["target_label"],
                                "adv": trial["adv_label"]}
-        for defense in ("none", "epic"):
-            options = ({"subset_fraction": cfg.subset_fraction, "warmup": 1, "interval": 1,
-                        "record_proxies": first_round is None} if defense == "epic" else {})
-            if defense == "epic" and cfg.epic_until is not None:
-                options["until"] = cfg.epic_until
+        epic = DefenseSpec(cfg.defense.name,
+                           {**cfg.defense.options, "record_proxies": first_round is None})
+        for defense, spec in (("none", DefenseSpec("none")), ("epic", epic)):
             run_cfg = RunConfig(dataset="digits", checkpoint=str(surrogate),
-                                defense=DefenseSpec(defense, options), poisons=trial["file"],
+                                defense=spec, poisons=trial["file"],
                                 out=str(out / f"trial-{trial['trial']:03d}-{defense}"),
                                 train=head)
             summary, trainer, _ = execute_run(run_cfg, resume=False)
@@ -114,7 +152,7 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
         rows.append(row)
 
     totals = _totals(rows)
-    result = {"config": cfg.__dict__, "rows": rows, "totals": totals,
+    result = {"config": cfg.to_dict(), "rows": rows, "totals": totals,
               "seconds": time.perf_counter() - t_start}
     write_json(out / "demo.json", result)
     _print_table(rows, totals, cfg)
@@ -137,13 +175,21 @@ def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return totals
 
 
+def _option(spec: DefenseSpec, key: str) -> Any:
+    """The value of a defense option: the spec's, else the defense's default."""
+    if key in spec.options:
+        return spec.options[key]
+    return inspect.signature(DEFENSES.get(spec.name)).parameters[key].default
+
+
 def _print_table(rows: list[dict[str, Any]], totals: dict[str, Any], cfg: DemoConfig) -> None:
-    print(f"\n{cfg.attack}, {cfg.num_poisons} poisons per target, eps {cfg.eps:g}/255, "
-          f"transfer learning on digits (linear head: {cfg.epochs} epochs, lr {cfg.lr:g}, "
-          f"weight decay {cfg.weight_decay:g}); EPIC-{cfg.subset_fraction:g}, selection every "
-          f"epoch from epoch 1 until "
-          + ("the last learning-rate decay" if cfg.epic_until is None
-             else f"epoch {cfg.epic_until}"))
+    head, until = cfg.victim, _option(cfg.defense, "until")
+    print(f"\n{cfg.attack.name}, {rows[0]['epic']['poisons_total']} poisons per "
+          f"target, eps {cfg.attack.threat.eps:g}/255, transfer learning on digits (linear "
+          f"head: {head.epochs} epochs, lr {head.lr:g}, weight decay {head.weight_decay:g}); "
+          f"EPIC-{_option(cfg.defense, 'subset_fraction'):g}, selection every epoch from "
+          "epoch 1 until "
+          + ("the last learning-rate decay" if until is None else f"epoch {until}"))
     print(f"{'target':>6} {'class':>9} | {'undefended':>10} {'acc':>6} | {'EPIC':>9} {'acc':>6} "
           f"{'poisons dropped':>16} {'clean dropped':>14}")
     for r in rows:
