@@ -34,7 +34,7 @@ bench: venv data
 	EPIC_SHARED_DATA="$(SHARED)" EPIC_CACHE="$(CACHE)" $(BIN)/python benchmarks/selection.py
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -1,5 +1,6 @@
-"""Smoke runs of the speed benchmarks and diagnostics in ``benchmarks/``: they finish and write
-the expected JSON (tiny sizes; the diagnostics read small ``epic bench`` folders on digits)."""
+"""Smoke runs of the speed benchmarks in ``benchmarks/`` and the diagnostics in ``tools/``: they
+finish and write the expected JSON (tiny sizes; the diagnostics read small ``epic bench`` folders
+on digits)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_script(script: str, tmp_path: Path, *args: str) -> dict:
+    """Run ``script`` (a path from the repository root) with ``--out``; return its JSON."""
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args,
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args,
                            "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -30,7 +32,7 @@ def run_script(script: str, tmp_path: Path, *args: str) -> dict:
 
 
 def test_selection_scaling_quick(tmp_path):
-    data = run_script("selection_scaling.py", tmp_path, "--quick", "--threads", "1")
+    data = run_script("benchmarks/selection_scaling.py", tmp_path, "--quick", "--threads", "1")
     assert data["benchmark"] == "selection_scaling"
     assert data["threads"] == 1 and data["env"]["threads"] == 1
     series = {(r["mode"], r["optimizer"]): r for r in data["results"]}
@@ -66,7 +68,7 @@ def test_train_throughput_quick(tmp_path):
     if dataset is None:
         pytest.skip("neither CIFAR-10 ($EPIC_CACHE/cifar10, `make data`) nor MNIST "
                     "($EPIC_SHARED_DATA/mnist) is available locally")
-    data = run_script("train_throughput.py", tmp_path, "--quick", "--dataset", dataset)
+    data = run_script("benchmarks/train_throughput.py", tmp_path, "--quick", "--dataset", dataset)
     assert data["benchmark"] == "train_throughput"
     assert data["config"]["epochs"] == 4 and data["config"]["train_size"] == 256
     none, epic = data["results"]["none"], data["results"]["epic"]
@@ -82,8 +84,8 @@ def test_train_throughput_quick(tmp_path):
         epic["selection_seconds"] / none["wall_seconds"])
 
 
-def test_benchmarks_use_public_trainer_api():
-    for path in (ROOT / "benchmarks").glob("*.py"):
+def test_benchmarks_and_tools_use_public_trainer_api():
+    for path in [*(ROOT / "benchmarks").glob("*.py"), *(ROOT / "tools").glob("*.py")]:
         assert not re.search(r"\btrainer\._\w", path.read_text()), path.name
 
 
@@ -113,7 +115,7 @@ def test_proxy_pass_config_runs_both_passes(proxy_pass_bench):
 
 @pytest.mark.slow
 def test_gm_alignment_reads_a_bench_folder(proxy_pass_bench, tmp_path):
-    data = run_script("gm_alignment.py", tmp_path, "--bench", str(proxy_pass_bench))
+    data = run_script("tools/gm_alignment.py", tmp_path, "--bench", str(proxy_pass_bench))
     assert data["benchmark"] == "gm_alignment"
     assert data["config"]["attack"] == "gradient-matching" and data["config"]["seed"] == 0
     (r,) = data["results"]
@@ -134,7 +136,7 @@ def test_poison_clusters_reads_a_transfer_bench(tmp_path):
                      "options": {"steps": 2}}],
         "defenses": ["none"]})
     run_bench(cfg, tmp_path / "bench", progress=False)
-    data = run_script("poison_clusters.py", tmp_path, "--bench", str(tmp_path / "bench"),
+    data = run_script("tools/poison_clusters.py", tmp_path, "--bench", str(tmp_path / "bench"),
                       "--epochs", "0", "2", "--fractions", "0.1", "0.3")
     assert data["benchmark"] == "poison_clusters"
     assert [(r["epoch"], r["fraction"]) for r in data["rows"]] == [

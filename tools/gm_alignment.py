@@ -8,7 +8,7 @@ poisons and, as a reference, for the unperturbed base images. Also each model's 
 the adversarial class on the target.
 
     OMP_NUM_THREADS=1 epic bench configs/cpu-cifar10-scratch.yaml
-    python benchmarks/gm_alignment.py --bench runs/bench/cpu-cifar10-scratch
+    python tools/gm_alignment.py --bench runs/bench/cpu-cifar10-scratch
 
 ``--attack``, ``--victim`` and ``--seed`` pick the attack label (default: the config's first
 gradient-matching attack), the victim label and the seed (default: the first of each).
@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the environment record, table and JSON output shared with the speed benchmarks
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _common import environment, print_table, save  # noqa: E402
 from epic import EpicError  # noqa: E402
 from epic.attacks.gradient_matching import alignment_loss, parameter_gradients  # noqa: E402

@@ -5,7 +5,7 @@ the poison class's gradient proxies as one EPIC round would (without dropping an
 each budget it reports how many clusters hold poisons, how many clean examples share them, how
 many poisons are singletons (what EPIC would drop) and how many clean singletons go with them.
 
-    python benchmarks/poison_clusters.py --bench runs/bench/cpu-cifar10-transfer --trial 0
+    python tools/poison_clusters.py --bench runs/bench/cpu-cifar10-transfer --trial 0
 
 ``--bench`` is a folder written by ``epic bench`` for a transfer config (its surrogate and the
 trial's poisons are reused); the victim follows that config's first victim.
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the environment record, table and JSON output shared with the speed benchmarks
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _common import environment, print_table, save  # noqa: E402
 from epic.data import dataset_info  # noqa: E402
 from epic.evaluation import RunConfig, build_model, load_bench_config, prepare_data  # noqa: E402
