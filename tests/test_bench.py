@@ -191,3 +191,14 @@ def test_score_counts_robust_hits_stops_beyond_random_and_flips():
     assert by["none"].trials == 5 and by["none"].success == 0.8  # first seed only
     assert by["none"].robust_success == 1.0 and by["rand"].stopped_vs_random is None
     assert "3 targets hit by the undefended victim with all 3" in markdown(score(rows))
+
+
+def test_an_ensemble_of_surrogates_is_trained_with_distinct_seeds(tmp_path):
+    cfg = load_bench_config({**TINY, "surrogate": {**TINY["surrogate"], "ensemble": 2}})
+    paths = bench_mod._surrogates(cfg, tmp_path, None, seed=1)
+    assert [p.split("/")[-1] for p in paths] == ["seed1.pt", "seed1-1.pt"]
+    seeds = [yaml.safe_load(open(p + ".run/config.yaml"))["train"]["seed"] for p in paths]
+    assert seeds == [1, 101]
+    assert bench_mod._surrogate(cfg, tmp_path, None, seed=1) == paths[0]
+    with pytest.raises(EpicError, match="ensemble must be an integer from 1 to 8"):
+        load_bench_config({**TINY, "surrogate": {**TINY["surrogate"], "ensemble": 0}})

@@ -15,6 +15,7 @@ Config keys (see ``configs/*.yaml``)::
     seeds: [0]
     replicates: 3             # undefended victims per target, each with its own seed
     surrogate: {model: convnet, epochs: 6, train_slice: "0:10000", lr: 0.05}  # or {checkpoint: F}
+                              # (any training key; ensemble: N crafts on N surrogates)
     victim: {model: convnet, epochs: 6, lr: 0.05}       # or victims: [{label: ..., ...}, ...]
     attacks: [{name: gradient-matching, budget: 0.01, eps: 16, options: {steps: 250}}]
     defenses: [none, {name: epic, label: epic-0.1, options: {subset_fraction: 0.1}}]
@@ -115,7 +116,8 @@ _TOP_KEYS = {"name", "dataset", "data_root", "train_slice", "trials", "seeds", "
 _ATTACK_KEYS = {"name", "options", *(f.name for f in fields(ThreatModel)), "label",
                 "defense_options"}
 _DEFENSE_KEYS = {"name", "label", "options", "match"}
-_SURROGATE_KEYS = {"checkpoint", "model", "width", "train_slice", *TRAIN_KEYS, "seed"}
+_SURROGATE_KEYS = {"checkpoint", "model", "width", "train_slice", *TRAIN_KEYS, "seed",
+                   "ensemble"}
 _VICTIM_KEYS = {"label", "model", "width", "train_size", "defense_options", *TRAIN_KEYS}
 
 
@@ -207,6 +209,9 @@ def load_bench_config(source: str | Path | dict[str, Any]) -> BenchConfig:
     trials = raw.get("trials", 5)
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise EpicError(f"trials must be an integer >= 1, got {trials!r}")
+    ensemble = surrogate.get("ensemble", 1)
+    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or not 1 <= ensemble <= 8:
+        raise EpicError(f"surrogate.ensemble must be an integer from 1 to 8, got {ensemble!r}")
     replicates = raw.get("replicates", 1)
     if isinstance(replicates, bool) or not isinstance(replicates, int) \
             or not 1 <= replicates <= 10:
@@ -247,22 +252,34 @@ def _environment() -> dict[str, Any]:
 
 
 def _surrogate(cfg: BenchConfig, out: Path, root: str | None, seed: int) -> str:
+    """The first surrogate of ``seed``: the model a transfer or fine-tuning victim starts from."""
+    return _surrogates(cfg, out, root, seed)[0]
+
+
+def _surrogates(cfg: BenchConfig, out: Path, root: str | None, seed: int) -> list[str]:
+    """The surrogates the attacker crafts on: ``ensemble`` models (default 1) trained with the
+    same recipe, the k-th with seed ``seed + 100 k`` (never a victim's, see :class:`Cell`)."""
     sur = cfg.surrogate
     if "checkpoint" in sur:
         path = Path(sur["checkpoint"])
         if not path.is_file():
             raise EpicError(f"surrogate checkpoint {path} does not exist")
-        return str(path)
-    path = out / "surrogates" / f"seed{seed}.pt"
-    if not path.exists():
-        # the surrogate takes any training key (the victim's recipe, e.g. milestones: [])
-        train = TrainConfig.from_dict({"epochs": 10, "lr": 0.1, "batch_size": 128,
-                                       **{k: sur[k] for k in TRAIN_KEYS if k in sur},
-                                       "seed": sur.get("seed", seed), "progress": False})
-        pretrain(RunConfig(dataset=cfg.dataset, data_root=root, model=sur.get("model", "convnet"),
-                           width=sur.get("width"), train_slice=sur.get("train_slice"),
-                           out=str(path) + ".run", train=train), path)
-    return str(path)
+        return [str(path)]
+    paths = []
+    for k in range(sur.get("ensemble", 1)):
+        path = out / "surrogates" / (f"seed{seed}.pt" if k == 0 else f"seed{seed}-{k}.pt")
+        if not path.exists():
+            # the surrogate takes any training key (the victim's recipe, e.g. milestones: [])
+            train = TrainConfig.from_dict({"epochs": 10, "lr": 0.1, "batch_size": 128,
+                                           **{k: sur[k] for k in TRAIN_KEYS if k in sur},
+                                           "seed": sur.get("seed", seed) + 100 * k,
+                                           "progress": False})
+            pretrain(RunConfig(dataset=cfg.dataset, data_root=root,
+                               model=sur.get("model", "convnet"), width=sur.get("width"),
+                               train_slice=sur.get("train_slice"), out=str(path) + ".run",
+                               train=train), path)
+        paths.append(str(path))
+    return paths
 
 
 def _attack_spec(entry: dict[str, Any]) -> AttackSpec:
@@ -317,10 +334,10 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
         bar.set_postfix_str(cell.key)
         attack = attacks[cell.attack]
         if (cell.attack, cell.seed) not in trials:
-            surrogate = _surrogate(cfg, out, root, cell.seed)
+            surrogates = _surrogates(cfg, out, root, cell.seed)
             pairs = choose_targets(test, cfg.trials, cell.seed)
             trials[cell.attack, cell.seed] = craft_poisons(CraftConfig(
-                attack=_attack_spec(attack), checkpoints=[surrogate], dataset=cfg.dataset,
+                attack=_attack_spec(attack), checkpoints=surrogates, dataset=cfg.dataset,
                 data_root=root, train_slice=cfg.train_slice, targets=pairs, seed=cell.seed,
                 out=str(out / "poisons" / cell.attack / f"seed{cell.seed}"), progress=False))
         trial = trials[cell.attack, cell.seed][cell.trial]
