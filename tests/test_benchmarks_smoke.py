@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from epic.evaluation import load_bench_config, read_results, run_bench
@@ -125,8 +126,10 @@ def test_gm_alignment_reads_a_bench_folder(proxy_pass_bench, tmp_path):
         assert 0 <= r[f"{model}_p_adv"] <= 1
 
 
-@pytest.mark.slow
-def test_poison_clusters_reads_a_transfer_bench(tmp_path):
+@pytest.fixture(scope="module")
+def transfer_bench(tmp_path_factory):
+    """A one-trial bullseye bench in transfer on digits (what the tools read)."""
+    out = tmp_path_factory.mktemp("transfer") / "bench"
     cfg = load_bench_config({
         "name": "tiny-transfer", "dataset": "digits", "trials": 1,
         "surrogate": {"model": "convnet", "epochs": 2, "lr": 0.05, "batch_size": 64},
@@ -135,11 +138,42 @@ def test_poison_clusters_reads_a_transfer_bench(tmp_path):
         "attacks": [{"name": "bullseye-polytope", "num_poisons": 5, "eps": 128,
                      "options": {"steps": 2}}],
         "defenses": ["none"]})
-    run_bench(cfg, tmp_path / "bench", progress=False)
-    data = run_script("tools/poison_clusters.py", tmp_path, "--bench", str(tmp_path / "bench"),
+    run_bench(cfg, out, progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_poison_clusters_reads_a_transfer_bench(transfer_bench, tmp_path):
+    data = run_script("tools/poison_clusters.py", tmp_path, "--bench", str(transfer_bench),
                       "--epochs", "0", "2", "--fractions", "0.1", "0.3")
     assert data["benchmark"] == "poison_clusters"
     assert [(r["epoch"], r["fraction"]) for r in data["rows"]] == [
         (0, 0.1), (0, 0.3), (2, 0.1), (2, 0.3)]
     for r in data["rows"]:
         assert 1 <= r["poison_clusters"] <= 5 and 0 <= r["poison_singletons"] <= 5
+
+
+@pytest.mark.slow
+def test_feature_isolation_reads_a_transfer_bench(transfer_bench, tmp_path):
+    data = run_script("tools/feature_isolation.py", tmp_path, "--bench", str(transfer_bench),
+                      "--top", "0.1")
+    assert data["benchmark"] == "feature_isolation"
+    rows = {r["score"]: r for r in data["rows"]}
+    assert {"iso10", "ratio30", "drop5-50", "disagree10"} <= set(rows)
+    for r in rows.values():
+        (count,) = r["per_trial"]
+        assert 0 <= count <= 5
+
+
+def test_feature_isolation_ranks_a_tight_far_group_first():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from feature_isolation import scores
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(400, 8, generator=g)
+    labels = torch.arange(400) % 2
+    group = torch.arange(0, 40, 2)[:12]  # 12 examples of class 0 ...
+    feats[group] = 6.0 + 0.05 * torch.randn(12, 8, generator=g)  # ... packed far away
+    s = scores(feats, labels)
+    for name in ("iso30", "drop5-30"):
+        assert set(s[name].topk(12).indices.tolist()) == set(group.tolist()), name

@@ -1,0 +1,90 @@
+r"""Are a transfer bench's poisons isolated in the frozen extractor's feature space?
+
+For every trial of an ``epic bench`` folder of a transfer config, computes the penultimate
+features of the poisoned training set with the bench's surrogate (the frozen extractor), scores
+every example by how isolated it is within its labelled class, and counts the poisons among the
+top ``--top`` share of the scores. A defense that drops that share can at best catch that many.
+
+    python tools/feature_isolation.py --bench runs/bench/cpu-cifar10-transfer [--top 0.03]
+
+Scores (Euclidean distances between features; ``d_k`` is the distance to the k-th nearest
+example of the same label, ``a_k`` to the k-th nearest of any label):
+``iso{k}`` = ``d_k``; ``ratio{k}`` = ``d_k / a_k``; ``drop5-{k}`` = ``d_k / d_5`` (a tight group
+far from the rest of its class); ``disagree{k}``: share of the k nearest with another label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _common import environment, print_table, save  # noqa: E402
+from epic.data import PoisonSet, splice_poisons  # noqa: E402
+from epic.evaluation import load_bench_config  # noqa: E402
+from epic.evaluation.bench import default_data_root  # noqa: E402
+from epic.evaluation.run import load_splits  # noqa: E402
+from epic.models import load_model  # noqa: E402
+from epic.models.features import forward_with_features  # noqa: E402
+
+KS = (10, 30, 50)
+
+
+def scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every isolation score of the module docstring, one value per example."""
+    d = torch.cdist(features, features).fill_diagonal_(float("inf"))
+    same = labels[:, None] == labels[None, :]
+    kmax = max(KS)
+    own = d.masked_fill(~same, float("inf")).topk(kmax, largest=False).values
+    near, idx = d.topk(kmax, largest=False)
+    out = {}
+    for k in KS:
+        out[f"iso{k}"] = own[:, k - 1]
+        out[f"ratio{k}"] = own[:, k - 1] / near[:, k - 1]
+        out[f"drop5-{k}"] = own[:, k - 1] / own[:, 4]
+        out[f"disagree{k}"] = (labels[idx[:, :k]] != labels[:, None]).float().mean(1)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", required=True, help="an epic bench folder (transfer config)")
+    parser.add_argument("--top", type=float, default=0.03, help="share of examples flagged")
+    parser.add_argument("--seed", type=int, default=0, help="the bench seed")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    bench = Path(args.bench)
+    cfg = load_bench_config(bench / "config.yaml")
+    root = cfg.data_root or default_data_root(cfg.dataset)
+    train, _ = load_splits(cfg.dataset, root, cfg.train_slice)
+    model = load_model(bench / "surrogates" / f"seed{args.seed}.pt").eval()
+    counts: dict[str, list[int]] = {}
+    files = sorted(bench.glob(f"poisons/*/seed{args.seed}/trial-*/poisons.npz"))
+    for path in files:
+        poisoned, is_poison = splice_poisons(train, PoisonSet.load(path))
+        with torch.no_grad():
+            feats = torch.cat([forward_with_features(model, x.float() / 255)[1]
+                               for x in poisoned.images.split(500)])
+        flagged = int(round(args.top * len(feats)))
+        for name, score in scores(feats, poisoned.labels).items():
+            top = score.topk(flagged).indices
+            counts.setdefault(name, []).append(int(is_poison[top].sum()))
+    poisons = int(is_poison.sum())
+    rows = [{"score": name, "mean_poisons_flagged": sum(c) / len(c),
+             "trials_with_80pct": sum(x >= 0.8 * poisons for x in c), "per_trial": c}
+            for name, c in counts.items()]
+    print(f"{len(files)} trials, {poisons} poisons each, top {args.top:.0%} flagged")
+    print_table(["score", "mean poisons flagged", "trials >= 80% flagged"],
+                [[r["score"], f"{r['mean_poisons_flagged']:.1f}", r["trials_with_80pct"]]
+                 for r in rows])
+    path = save("feature_isolation", {"benchmark": "feature_isolation", "rows": rows,
+                                      "bench": str(bench), "env": environment()}, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
