@@ -177,3 +177,14 @@ def test_feature_isolation_ranks_a_tight_far_group_first():
     s = scores(feats, labels)
     for name in ("iso30", "drop5-30"):
         assert set(s[name].topk(12).indices.tolist()) == set(group.tolist()), name
+
+
+@pytest.mark.slow
+def test_poisons_alone_reads_a_bench(transfer_bench, tmp_path):
+    data = run_script("tools/poisons_alone.py", tmp_path, "--bench", str(transfer_bench),
+                      "--steps", "3")
+    assert data["benchmark"] == "poisons_alone" and data["steps"] == 3
+    (row,) = data["rows"]
+    assert row["trial"] == "trial-000" and row["adv_label"] != row["target_label"]
+    for kind in ("poisons", "bases"):
+        assert row[f"{kind}_adv_loss"] >= 0 and isinstance(row[f"{kind}_flipped"], bool)
