@@ -27,9 +27,10 @@ Reported per run: training images processed (kept examples summed over epochs), 
 ``fit``, and EPIC's selection seconds (its defense summary). EPIC's end-to-end overhead is
 ``(EPIC wall - undefended wall) / undefended wall``; it counts the time saved by training on
 fewer examples once some are dropped, so ``selection seconds / undefended wall`` is reported too:
-the overhead without that saving. The target is at most 10% at the 40-epoch setting. A warm-up
-epoch on a few batches runs first, untimed; with ``--repeats`` the order of the two runs
-alternates.
+the overhead without that saving. The target is at most 5% (1.05x) at the 40-epoch setting.
+What dropping saves is reported as the median seconds of EPIC's epochs (its rounds taken out)
+on the whole set and after the last drop. A warm-up epoch on a few batches runs first, untimed;
+with ``--repeats`` the order of the two runs alternates.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from epic.evaluation import build_model as run_model  # noqa: E402
 from epic.evaluation.bench import default_data_root  # noqa: E402
 from epic.training import TrainConfig, Trainer  # noqa: E402
 
-TARGET = 0.10  # the issue's bound on EPIC's end-to-end overhead at 40 epochs
+TARGET = 0.05  # issue 11: EPIC at <= 1.05x undefended wall time on the 40-epoch schedule
 PAPER_EPOCHS, PAPER_WARMUP, PAPER_INTERVAL = 40, 10, 2
 
 
@@ -133,6 +134,15 @@ def train_once(args: argparse.Namespace, defense_name: str, train, test) -> dict
     images = sum(int(h["active"]) for h in history)
     epoch_seconds = sum(float(h["seconds"]) for h in history)
     train_seconds = epoch_seconds - selection  # selection runs inside its epoch's timing
+    # what dropping saves: an epoch's training seconds (its round's removed) on the whole set
+    # and after the last drop (medians: robust to a stalled epoch)
+    round_seconds = {int(r["epoch"]): float(r["seconds"]) for r in getattr(defense, "rounds", [])}
+    per_epoch = [(int(h["active"]), float(h["seconds"]) - round_seconds.get(int(h["epoch"]), 0.0))
+                 for h in history]
+    final_active = int(history[-1]["active"])
+    full = [t for active, t in per_epoch if active == len(train)]
+    after = [t for active, t in per_epoch if active == final_active] \
+        if final_active < len(train) else []
     return {
         "defense": defense_name,
         "options": options,
@@ -145,7 +155,9 @@ def train_once(args: argparse.Namespace, defense_name: str, train, test) -> dict
         "end_to_end_images_per_second": images / wall,
         "rounds": int(summary.get("rounds", 0)),
         "dropped": int(summary.get("dropped", 0)),
-        "final_active": int(history[-1]["active"]),
+        "final_active": final_active,
+        "epoch_seconds_full_set": statistics.median(full) if full else None,
+        "epoch_seconds_after_drops": statistics.median(after) if after else None,
         "round_breakdown": breakdown,
         "test_acc": trainer.evaluate(test.images, test.labels),  # untimed
         "history": [{k: h[k] for k in ("epoch", "lr", "active", "train_loss", "train_acc",
@@ -258,6 +270,12 @@ def main() -> None:
     parts = epic["runs"][-1]["round_breakdown"]
     print(f"one round, timed after training: proxy pass (inference over {len(train):,} images) "
           f"{parts['proxy_pass_seconds']:.2f} s, selection {parts['select_seconds']:.3f} s")
+    last = epic["runs"][-1]
+    if last["epoch_seconds_after_drops"] is not None:
+        print(f"EPIC's epochs without their rounds (median): "
+              f"{last['epoch_seconds_full_set']:.2f} s on all {len(train):,} examples, "
+              f"{last['epoch_seconds_after_drops']:.2f} s on the {last['final_active']:,} left "
+              "after the drops")
     config = {**vars(args), "resolved_device": device, "schedule": schedule(args)}
     path = save("train_throughput", {"benchmark": "train_throughput", "config": config,
                                      "env": {**environment(), "load_average_before": load_before,

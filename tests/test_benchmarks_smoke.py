@@ -79,6 +79,9 @@ def test_train_throughput_quick(tmp_path):
     assert none["images"] == 4 * 256 and none["selection_seconds"] == 0
     assert epic["runs"][0]["rounds"] >= 1 and epic["selection_seconds"] > 0
     assert epic["images"] <= none["images"]
+    run = epic["runs"][0]
+    assert run["epoch_seconds_full_set"] > 0  # the epochs before the first drop
+    assert (run["epoch_seconds_after_drops"] is None) == (run["final_active"] == 256)
     overhead = data["overhead"]
     assert set(overhead) == {"wall", "selection_only", "target", "meets_target"}
     assert overhead["selection_only"] == pytest.approx(
