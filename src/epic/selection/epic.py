@@ -9,7 +9,7 @@ nothing else is close enough to join its cluster. Clusters of no more than
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -151,7 +151,8 @@ class EPIC:
                                  generator=gen)
 
 
-def _map_classes(fn, pts: GradientProxy, members: list[tuple[int, Tensor]]
+def _map_classes(fn: Callable[[GradientProxy, int, Tensor], FacilityLocationResult],
+                 pts: GradientProxy, members: list[tuple[int, Tensor]]
                  ) -> list[FacilityLocationResult]:
     """``fn(pts, c, idx)`` for every class. On a CPU with several torch threads the classes run
     in parallel, one thread each: a class's greedy is a chain of small operations that one core
