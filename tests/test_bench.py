@@ -143,10 +143,10 @@ def test_config_file_errors(tmp_path):
 def test_shipped_configs_are_valid():
     from pathlib import Path
 
-    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    configs = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))  # pilots too
     assert {p.name for p in configs} >= {"cpu-mnist.yaml", "cpu-cifar10-transfer.yaml",
                                          "paper-cifar10-gm.yaml",
-                                         "paper-tinyimagenet-bp.yaml"}
+                                         "paper-tinyimagenet-bp.yaml", "gm-mnist60k.yaml"}
     for path in configs:
         load_bench_config(path)
 
