@@ -200,5 +200,8 @@ def test_an_ensemble_of_surrogates_is_trained_with_distinct_seeds(tmp_path):
     seeds = [yaml.safe_load(open(p + ".run/config.yaml"))["train"]["seed"] for p in paths]
     assert seeds == [1, 101]
     assert bench_mod._surrogate(cfg, tmp_path, None, seed=1) == paths[0]
+    assert [str(p) for p in bench_mod.surrogate_paths(cfg, tmp_path, 1)] == paths
+    fixed = load_bench_config({**TINY, "surrogate": {"checkpoint": paths[1]}})
+    assert [str(p) for p in bench_mod.surrogate_paths(fixed, tmp_path, 1)] == [paths[1]]
     with pytest.raises(EpicError, match="ensemble must be an integer from 1 to 8"):
         load_bench_config({**TINY, "surrogate": {**TINY["surrogate"], "ensemble": 0}})

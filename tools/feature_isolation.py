@@ -22,12 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _bench import open_bench  # noqa: E402
 from _common import environment, print_table, save  # noqa: E402
 from epic.data import PoisonSet, splice_poisons  # noqa: E402
-from epic.evaluation import load_bench_config  # noqa: E402
-from epic.evaluation.bench import default_data_root  # noqa: E402
-from epic.evaluation.run import load_splits  # noqa: E402
-from epic.models import load_model  # noqa: E402
 from epic.models.features import forward_with_features  # noqa: E402
 
 KS = (10, 30, 50)
@@ -57,17 +54,13 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    bench = Path(args.bench)
-    cfg = load_bench_config(bench / "config.yaml")
-    root = cfg.data_root or default_data_root(cfg.dataset)
-    train, _ = load_splits(cfg.dataset, root, cfg.train_slice)
-    model = load_model(bench / "surrogates" / f"seed{args.seed}.pt").eval()
+    bench = open_bench(args.bench, args.seed)
     counts: dict[str, list[int]] = {}
-    files = sorted(bench.glob(f"poisons/*/seed{args.seed}/trial-*/poisons.npz"))
+    files = sorted(bench.folder.glob(f"poisons/*/seed{args.seed}/trial-*/poisons.npz"))
     for path in files:
-        poisoned, is_poison = splice_poisons(train, PoisonSet.load(path))
+        poisoned, is_poison = splice_poisons(bench.train, PoisonSet.load(path))
         with torch.no_grad():
-            feats = torch.cat([forward_with_features(model, x.float() / 255)[1]
+            feats = torch.cat([forward_with_features(bench.surrogate, x.float() / 255)[1]
                                for x in poisoned.images.split(500)])
         flagged = int(round(args.top * len(feats)))
         for name, score in scores(feats, poisoned.labels).items():
@@ -82,7 +75,7 @@ def main() -> None:
                 [[r["score"], f"{r['mean_poisons_flagged']:.1f}", r["trials_with_80pct"]]
                  for r in rows])
     path = save("feature_isolation", {"benchmark": "feature_isolation", "rows": rows,
-                                      "bench": str(bench), "env": environment()}, args.out)
+                                      "bench": str(bench.folder), "env": environment()}, args.out)
     print(f"wrote {path}")
 
 

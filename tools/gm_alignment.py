@@ -27,14 +27,13 @@ import yaml
 
 # the environment record, table and JSON output shared with the speed benchmarks
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _bench import open_bench  # noqa: E402
 from _common import environment, print_table, save  # noqa: E402
 from epic import EpicError  # noqa: E402
 from epic.attacks.gradient_matching import alignment_loss, parameter_gradients  # noqa: E402
 from epic.data import PoisonSet  # noqa: E402
-from epic.evaluation import RunConfig, build_model, load_bench_config  # noqa: E402
-from epic.evaluation.bench import Cell, default_data_root  # noqa: E402
-from epic.evaluation.run import load_splits  # noqa: E402
-from epic.models import load_model  # noqa: E402
+from epic.evaluation import RunConfig, build_model  # noqa: E402
+from epic.evaluation.bench import Cell  # noqa: E402
 
 
 def load_victim(run_dir: Path, train) -> torch.nn.Module:
@@ -55,19 +54,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=None, help="bench seed (default: the first)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    bench = Path(args.bench)
-    cfg = load_bench_config(bench / "config.yaml")
+    opened = open_bench(args.bench, args.seed)
+    bench, cfg, seed = opened.folder, opened.config, opened.seed
+    train, surrogate = opened.train, opened.surrogate
     gm = [a["label"] for a in cfg.attacks if a["name"] == "gradient-matching"]
     attack = args.attack or (gm[0] if gm else None)
     if attack not in gm:
         raise SystemExit(f"error: no gradient-matching attack {attack!r} in {bench}; "
                          f"choose from {gm}")
     victim = args.victim or cfg.victims[0]["label"]
-    seed = cfg.seeds[0] if args.seed is None else args.seed
-    surrogate_file = cfg.surrogate.get("checkpoint") or bench / "surrogates" / f"seed{seed}.pt"
-    root = cfg.data_root or default_data_root(cfg.dataset)
-    train, _ = load_splits(cfg.dataset, root, cfg.train_slice)
-    surrogate = load_model(surrogate_file).eval()
     rows, results = [], []
     for folder in sorted((bench / "poisons" / attack / f"seed{seed}").glob("trial-*")):
         trial = int(folder.name.removeprefix("trial-"))

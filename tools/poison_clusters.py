@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _common import environment, print_table, save  # noqa: E402
 from epic.data import dataset_info  # noqa: E402
 from epic.evaluation import RunConfig, build_model, load_bench_config, prepare_data  # noqa: E402
-from epic.evaluation.bench import TRAIN_KEYS, default_data_root  # noqa: E402
+from epic.evaluation.bench import TRAIN_KEYS, default_data_root, surrogate_paths  # noqa: E402
 from epic.selection import facility_location, gradient_proxy  # noqa: E402
 from epic.training import Callback, TrainConfig, Trainer  # noqa: E402
 
@@ -98,7 +98,7 @@ def main() -> None:
         cfg.dataset), defense="none", train_slice=cfg.train_slice,
         poisons=str(bench / "poisons" / args.attack / f"seed{args.seed}" /
                     f"trial-{args.trial:03d}" / "poisons.npz"),
-        checkpoint=str(bench / "surrogates" / f"seed{args.seed}.pt"))
+        checkpoint=str(surrogate_paths(cfg, bench, args.seed)[0]))
     data = prepare_data(run)
     adv = data["poisons"].adv_label
     members = (data["train"].labels == adv).nonzero().squeeze(1)

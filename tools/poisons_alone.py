@@ -20,12 +20,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _bench import open_bench  # noqa: E402
 from _common import environment, print_table, save  # noqa: E402
 from epic.data import PoisonSet  # noqa: E402
-from epic.evaluation import load_bench_config  # noqa: E402
-from epic.evaluation.bench import default_data_root  # noqa: E402
-from epic.evaluation.run import load_splits  # noqa: E402
-from epic.models import load_model  # noqa: E402
 
 
 def train_on(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -52,20 +49,18 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    bench = Path(args.bench)
-    cfg = load_bench_config(bench / "config.yaml")
-    train, _ = load_splits(cfg.dataset, cfg.data_root or default_data_root(cfg.dataset),
-                           cfg.train_slice)
-    model = load_model(bench / "surrogates" / f"seed{args.seed}.pt")
+    bench = open_bench(args.bench, args.seed)
+    model = bench.surrogate
     rows = []
-    for path in sorted(bench.glob(f"poisons/*/seed{args.seed}/trial-*/poisons.npz")):
+    for path in sorted(bench.folder.glob(f"poisons/*/seed{args.seed}/trial-*/poisons.npz")):
         p = PoisonSet.load(path)
         target = p.target_image.float()[None] / 255
         with torch.no_grad():
-            before = float(F.cross_entropy(model.eval()(target), torch.tensor([p.adv_label])))
+            before = float(F.cross_entropy(model(target), torch.tensor([p.adv_label])))
         row = {"trial": path.parent.name, "target_label": p.target_label,
                "adv_label": p.adv_label, "adv_loss_before": before}
-        for kind, images in (("poisons", p.images), ("bases", train.images[p.base_indices])):
+        for kind, images in (("poisons", p.images),
+                             ("bases", bench.train.images[p.base_indices])):
             loss, pred = train_on(model, images.float() / 255, p.labels, target, p.adv_label,
                                   steps=args.steps, lr=args.lr)
             row[f"{kind}_adv_loss"], row[f"{kind}_flipped"] = loss, pred == p.adv_label
@@ -77,7 +72,7 @@ def main() -> None:
                   r["poisons_flipped"], f"{r['bases_adv_loss']:.2f}", r["bases_flipped"]]
                  for r in rows])
     path = save("poisons_alone", {"benchmark": "poisons_alone", "rows": rows,
-                                  "steps": args.steps, "lr": args.lr, "bench": str(bench),
+                                  "steps": args.steps, "lr": args.lr, "bench": str(bench.folder),
                                   "env": environment()}, args.out)
     print(f"wrote {path}")
 

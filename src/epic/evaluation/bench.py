@@ -48,7 +48,7 @@ from .craft import CraftConfig, choose_targets, craft_poisons
 from .run import RunConfig, pretrain, run_training
 
 __all__ = ["BenchConfig", "Cell", "TRAIN_KEYS", "default_data_root", "load_bench_config",
-           "read_results", "run_bench"]
+           "read_results", "run_bench", "surrogate_paths"]
 
 RESULTS = "results.jsonl"
 # A victim's training keys are TrainConfig's fields; the bench sets seed and progress itself.
@@ -256,30 +256,37 @@ def _surrogate(cfg: BenchConfig, out: Path, root: str | None, seed: int) -> str:
     return _surrogates(cfg, out, root, seed)[0]
 
 
+def surrogate_paths(cfg: BenchConfig, out: str | Path, seed: int) -> list[Path]:
+    """Where the surrogates of bench seed ``seed`` live: the config's ``checkpoint``, or the
+    ``ensemble`` files under ``out/surrogates`` (whether trained yet or not)."""
+    if "checkpoint" in cfg.surrogate:
+        return [Path(cfg.surrogate["checkpoint"])]
+    return [Path(out) / "surrogates" / (f"seed{seed}.pt" if k == 0 else f"seed{seed}-{k}.pt")
+            for k in range(cfg.surrogate.get("ensemble", 1))]
+
+
 def _surrogates(cfg: BenchConfig, out: Path, root: str | None, seed: int) -> list[str]:
-    """The surrogates the attacker crafts on: ``ensemble`` models (default 1) trained with the
-    same recipe, the k-th with seed ``seed + 100 k`` (never a victim's, see :class:`Cell`)."""
+    """The surrogates the attacker crafts on, trained if missing: ``ensemble`` models (default
+    1) with the same recipe, the k-th with seed ``seed + 100 k`` (never a victim's, see
+    :class:`Cell`)."""
     sur = cfg.surrogate
+    paths = surrogate_paths(cfg, out, seed)
     if "checkpoint" in sur:
-        path = Path(sur["checkpoint"])
-        if not path.is_file():
-            raise EpicError(f"surrogate checkpoint {path} does not exist")
-        return [str(path)]
-    paths = []
-    for k in range(sur.get("ensemble", 1)):
-        path = out / "surrogates" / (f"seed{seed}.pt" if k == 0 else f"seed{seed}-{k}.pt")
+        if not paths[0].is_file():
+            raise EpicError(f"surrogate checkpoint {paths[0]} does not exist")
+        return [str(paths[0])]
+    for member, path in enumerate(paths):
         if not path.exists():
             # the surrogate takes any training key (the victim's recipe, e.g. milestones: [])
             train = TrainConfig.from_dict({"epochs": 10, "lr": 0.1, "batch_size": 128,
                                            **{k: sur[k] for k in TRAIN_KEYS if k in sur},
-                                           "seed": sur.get("seed", seed) + 100 * k,
+                                           "seed": sur.get("seed", seed) + 100 * member,
                                            "progress": False})
             pretrain(RunConfig(dataset=cfg.dataset, data_root=root,
                                model=sur.get("model", "convnet"), width=sur.get("width"),
                                train_slice=sur.get("train_slice"), out=str(path) + ".run",
                                train=train), path)
-        paths.append(str(path))
-    return paths
+    return [str(path) for path in paths]
 
 
 def _attack_spec(entry: dict[str, Any]) -> AttackSpec:
