@@ -18,8 +18,8 @@ CIFAR-10 is read from ``$EPIC_CACHE/cifar10`` (default ``.cache/cifar10``), MNIS
 ``$EPIC_SHARED_DATA/mnist`` (default ``../shared/data``); ``--synthetic`` reads no files and
 trains on seeded random uint8 images of the dataset's shape and number of classes instead
 (``--train-size`` of them, and ``--test-size``, default 1,000, for the test split): the
-throughput is that of the real data, the accuracy is chance. On CUDA the trainer uses
-channels-last memory (``--no-channels-last`` turns it off) and, with ``--amp``, bf16 autocast
+throughput is that of the real data, the accuracy is chance. The trainer uses channels-last
+memory (``--no-channels-last`` turns it off) and, on CUDA with ``--amp``, bf16 autocast
 (``--amp-dtype float16`` for fp16 with loss scaling).
 
 Reported per run: training images processed (kept examples summed over epochs), training seconds
@@ -202,8 +202,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=PAPER_EPOCHS)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--eval-batch-size", type=int, default=TrainConfig.eval_batch_size,
-                    help="batch size of EPIC's proxy pass (inference over the training set)")
+    ap.add_argument("--eval-batch-size", type=int, default=None,
+                    help="batch size of EPIC's proxy pass (default: the library's, 128 on CPU, "
+                         "512 on CUDA)")
     ap.add_argument("--fraction", type=float, default=0.1, help="EPIC subset_fraction")
     ap.add_argument("--proxy-pass", choices=["separate", "training"], default="separate",
                     help="EPIC's logits: a separate inference pass per round, or the training "
@@ -216,7 +217,7 @@ def main() -> None:
     ap.add_argument("--amp-dtype", choices=["bfloat16", "float16"], default="bfloat16",
                     help="autocast dtype with --amp (float16 adds loss scaling)")
     ap.add_argument("--no-channels-last", dest="channels_last", action="store_false",
-                    help="keep the default (N, C, H, W) memory format on CUDA")
+                    help="keep the default (N, C, H, W) memory format")
     ap.add_argument("--synthetic", action="store_true",
                     help="seeded random images shaped like --dataset's (no files read)")
     ap.add_argument("--repeats", type=int, default=1)

@@ -115,6 +115,34 @@ def test_trainer_learns_digits(digits):
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
+def test_channels_last_and_the_inference_batch_on_cpu(digits):
+    """Channels-last is the default on a CPU too (faster there); the inference batch resolves
+    to 128 on a CPU; both layouts learn the same model up to float rounding."""
+    train, test = digits
+    seen = []
+    results = {}
+    for channels_last in (True, False):
+        torch.manual_seed(0)
+        model = small_model()
+        trainer = Trainer(model, train, test=test,
+                          config=TrainConfig(epochs=2, channels_last=channels_last, **FAST))
+        assert trainer.eval_batch_size == 128
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        hook = conv.register_forward_hook(lambda m, args, out, cl=channels_last: seen.append(
+            (cl, out.is_contiguous(memory_format=torch.channels_last))))
+        trainer.fit()
+        hook.remove()
+        results[channels_last] = trainer.predict()[0]
+        conv = [p for p in model.parameters() if p.ndim == 4 and p.shape[1] > 1]
+        assert conv and all(p.is_contiguous(memory_format=torch.channels_last) == channels_last
+                   for p in conv)
+    assert {layout for cl, layout in seen if cl} == {True}
+    assert {layout for cl, layout in seen if not cl} == {False}
+    torch.testing.assert_close(results[True], results[False], rtol=0, atol=0.05)
+    assert Trainer(small_model(), train, config=TrainConfig(eval_batch_size=7, **FAST)
+                   ).eval_batch_size == 7
+
+
 def test_resume_reproduces_an_uninterrupted_run(digits, tmp_path):
     train, test = digits
     cfg = TrainConfig(epochs=4, **FAST)

@@ -31,6 +31,7 @@ class TrainerView(Protocol):
         images: the uint8 (N, C, H, W) training images on the device, or ``None`` when they
             are streamed from files.
         memory_format: the memory format of the model's inputs.
+        eval_batch_size: the batch size of inference passes (the config's, resolved).
         model: the network being trained (read only; e.g. to optimise inputs against it).
     """
 
@@ -41,6 +42,7 @@ class TrainerView(Protocol):
     poison_mask: Tensor | None
     images: Tensor | None
     memory_format: torch.memory_format
+    eval_batch_size: int
     model: nn.Module
 
     def predict(self, indices: Tensor | None = None, *, images: Tensor | None = None,

@@ -106,7 +106,7 @@ class DPSGD(DefenseCallback):
             if not ModuleValidator.is_valid(model):
                 before = dict(model.named_modules())
                 fixed = ModuleValidator.fix(model)  # a copy, group norm for batch norm
-                fixed.to(trainer.device, memory_format=trainer.memory_format)
+                fixed.to(trainer.device)
                 self.replaced = [name for name, module in fixed.named_modules()
                                  if name in before and type(module) is not type(before[name])]
                 _move_optimizer(parts.optimizer, model, fixed)
@@ -114,6 +114,9 @@ class DPSGD(DefenseCallback):
             for module in model.modules():
                 if getattr(module, "inplace", None) is True:
                     module.inplace = False
+            # Opacus's per-sample gradients assume the default layout: with channels-last
+            # weights the summed gradients came out wrong (parameters stay the same objects)
+            model.to(memory_format=torch.contiguous_format)
             target: nn.Module = model
         else:  # transfer: only the head is trained, on cached features
             target = parts.module.train()

@@ -194,7 +194,7 @@ class FriendlyNoise(DefenseCallback):
             self.delta, agreement = friendly_perturbation(
                 trainer.model, trainer.images, eps=self.friendly_eps, lam=self.friendly_lambda,
                 steps=self.friendly_steps, lr=self.friendly_lr,
-                batch_size=trainer.config.eval_batch_size, generator=generator,
+                batch_size=trainer.eval_batch_size, generator=generator,
                 amp=trainer.config.amp, memory_format=trainer.memory_format)
             self.record = {"epoch": epoch + 1, "agreement": agreement,
                            "mean_abs_delta": float(self.delta.float().abs().mean()),
@@ -212,7 +212,7 @@ class FriendlyNoise(DefenseCallback):
         generator.manual_seed(trainer.config.seed + 3)
         images = torch.empty_like(trainer.images)
         for part in torch.arange(len(images), device=trainer.device).split(
-                trainer.config.eval_batch_size):
+                trainer.eval_batch_size):
             pixels = trainer.images.index_select(0, part).to(torch.int16)
             pixels += self.delta.index_select(0, part.to(self.delta.device)).to(pixels)
             if transfer and self.noise_eps > 0:

@@ -38,7 +38,8 @@ __all__ = ["DemoConfig", "run_demo"]
 
 
 def _surrogate_recipe() -> TrainConfig:
-    return TrainConfig(epochs=15, batch_size=64, lr=0.05, progress=False)
+    # lr 0.05 diverged for one seed in six (test accuracy 0.83-0.99); 0.02 reached 0.989-0.996
+    return TrainConfig(epochs=15, batch_size=64, lr=0.02, progress=False)
 
 
 def _victim_recipe() -> TrainConfig:

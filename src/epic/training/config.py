@@ -40,8 +40,11 @@ class TrainConfig:
         amp: mixed-precision autocast on CUDA (ignored on CPU).
         amp_dtype: ``"bfloat16"`` (default: no loss scaling needed) or ``"float16"`` (for
             GPUs without bf16; the loss is scaled by a ``torch.amp.GradScaler``).
-        channels_last: channels-last memory format on CUDA (ignored on CPU).
-        eval_batch_size: batch size for evaluation and gradient proxies.
+        channels_last: channels-last memory format for the model and its inputs. Faster on
+            both: on CUDA with tensor cores, and on a CPU, where oneDNN's convolutions ran a
+            training epoch 1.4-1.6x and inference 2-2.4x as fast (docs/benchmarks.md).
+        eval_batch_size: batch size for evaluation and gradient proxies; ``None``: 512 on
+            CUDA, 128 on a CPU (where larger batches fall out of the cache and run slower).
         progress: show progress bars.
         eval_every: evaluate the test split every this many epochs (0: only after the last).
         scenario: ``"scratch"`` trains every weight; ``"transfer"`` freezes the feature
@@ -70,7 +73,7 @@ class TrainConfig:
     amp: bool = True
     amp_dtype: str = "bfloat16"
     channels_last: bool = True
-    eval_batch_size: int = 512
+    eval_batch_size: int | None = None
     progress: bool = True
     scenario: str = "scratch"
     eval_every: int = 1
@@ -80,7 +83,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, minimum=1)
         check_int("batch_size", self.batch_size, minimum=1)
-        check_int("eval_batch_size", self.eval_batch_size, minimum=1)
+        if self.eval_batch_size is not None:
+            check_int("eval_batch_size", self.eval_batch_size, minimum=1)
         check_int("crop_padding", self.crop_padding, minimum=0)
         check_int("seed", self.seed, minimum=0)
         check_int("eval_every", self.eval_every, minimum=0)

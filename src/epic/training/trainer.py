@@ -176,8 +176,9 @@ class Trainer:
         if poison_mask is not None and tuple(poison_mask.shape) != (n,):
             raise EpicError(f"poison_mask must have shape ({n},), got {tuple(poison_mask.shape)}")
         self.cuda = self.device.type == "cuda"
-        self.memory_format = (torch.channels_last if self.cuda and self.config.channels_last
+        self.memory_format = (torch.channels_last if self.config.channels_last
                               else torch.contiguous_format)
+        self.eval_batch_size = self.config.eval_batch_size or (512 if self.cuda else 128)
         self.model = model.to(self.device, memory_format=self.memory_format)
         self._loaders: dict[str, tuple[DataLoader, _BatchPlan, Any]] = {}
         self.stream: StreamedSplit | None = train if _is_streamed(train) else None
@@ -368,7 +369,7 @@ class Trainer:
                  key: str, amp: bool = True) -> tuple[Tensor, Tensor | None]:
         """:meth:`predict` of ``source`` (images on the device, or a streamed split) at
         ``idx``; ``key`` names the DataLoader that streams it."""
-        batches = list(self._batches(idx, self.config.eval_batch_size))
+        batches = list(self._batches(idx, self.eval_batch_size))
         if self.world > 1:  # this rank's contiguous share of the batches
             nb = len(batches)
             batches = batches[self.rank * nb // self.world:(self.rank + 1) * nb // self.world]
