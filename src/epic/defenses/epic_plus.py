@@ -41,7 +41,9 @@ class EpicPlus(EpicDefense):
     Args:
         fraction: share of the training set flagged per round, and the most ever dropped
             (default 0.03).
-        k: the neighbour whose distance measures isolation (default 10).
+        k: the neighbour whose distance measures isolation (default 50: above the number of
+            poisons an attack usually plants per target, which otherwise are each other's
+            nearest neighbours; docs/defenses.md).
         patience: rounds an example must have been flagged in (and in at least half of the
             rounds so far) before it is dropped (default 3).
         warmup, interval, until: the round schedule, as for ``epic`` (default: every epoch
@@ -53,7 +55,7 @@ class EpicPlus(EpicDefense):
 
     name = "epic-plus"
 
-    def __init__(self, *, fraction: float = 0.03, k: int = 10, patience: int = 3,
+    def __init__(self, *, fraction: float = 0.03, k: int = 50, patience: int = 3,
                  warmup: int = 1, interval: int = 1, until: int | None = None,
                  proxy: str = "last-layer", proxy_pass: str = "separate", seed: int = 0,
                  record_proxies: bool = False) -> None:
