@@ -133,9 +133,9 @@ def test_channels_last_and_the_inference_batch_on_cpu(digits):
         trainer.fit()
         hook.remove()
         results[channels_last] = trainer.predict()[0]
-        conv = [p for p in model.parameters() if p.ndim == 4 and p.shape[1] > 1]
-        assert conv and all(p.is_contiguous(memory_format=torch.channels_last) == channels_last
-                   for p in conv)
+        weights = [p for p in model.parameters() if p.ndim == 4 and p.shape[1] > 1]
+        assert weights and all(
+            p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in weights)
     assert {layout for cl, layout in seen if cl} == {True}
     assert {layout for cl, layout in seen if not cl} == {False}
     torch.testing.assert_close(results[True], results[False], rtol=0, atol=0.05)

@@ -41,8 +41,9 @@ class TrainConfig:
         amp_dtype: ``"bfloat16"`` (default: no loss scaling needed) or ``"float16"`` (for
             GPUs without bf16; the loss is scaled by a ``torch.amp.GradScaler``).
         channels_last: channels-last memory format for the model and its inputs. Faster on
-            both: on CUDA with tensor cores, and on a CPU, where oneDNN's convolutions ran a
-            training epoch 1.4-1.6x and inference 2-2.4x as fast (docs/benchmarks.md).
+            both: on CUDA with tensor cores, and on a CPU, where it trained a ConvNet and a
+            ResNet-20 1.3-1.4x as fast and, with the smaller inference batch below, ran
+            EPIC's proxy pass 2.3-3.1x as fast (docs/benchmarks.md).
         eval_batch_size: batch size for evaluation and gradient proxies; ``None``: 512 on
             CUDA, 128 on a CPU (where larger batches fall out of the cache and run slower).
         progress: show progress bars.
