@@ -172,7 +172,7 @@ def round_breakdown(trainer: Trainer, defense) -> dict[str, float]:
 
     _sync(trainer.device)
     t0 = time.perf_counter()
-    logits, _ = trainer.predict()
+    logits, _ = trainer.predict(amp=False)  # as EPIC's rounds: float32 proxies, no autocast
     _sync(trainer.device)
     t1 = time.perf_counter()
     defense.epic.select(gradient_proxy(logits, trainer.labels), trainer.labels)
