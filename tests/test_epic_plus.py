@@ -10,7 +10,7 @@ import torch
 from conftest import small_model
 from epic import EpicError
 from epic.defenses import EpicPlus, create_defense
-from epic.selection import GradientProxy, knn_isolation
+from epic.selection import GradientProxy, group_isolation, knn_isolation
 from epic.training import TrainConfig, Trainer
 
 
@@ -39,6 +39,47 @@ def test_knn_isolation_is_the_kth_same_class_neighbour_distance():
         knn_isolation(x, y, k=0)
 
 
+def test_group_isolation_ranks_a_tight_far_group_and_a_point_among_another_class_first():
+    g = torch.Generator().manual_seed(0)
+    x, y, group = planted(group=6)
+    # a wide class-0 point placed inside class 1's cloud: far from its own class, among others
+    stray = torch.randn(1, 6, generator=g) * 5 + 20
+    x, y = torch.cat([x, stray]), torch.cat([y, torch.zeros(1, dtype=torch.long)])
+    s = group_isolation(x, y, k=20, near=5, block=9)  # several row blocks
+    assert s.shape == (len(y),) and float(s.min()) > 0 and float(s.max()) == 1.0
+    top = set(s.topk(len(group) + 1).indices.tolist())
+    assert top == set(group.tolist()) | {len(y) - 1}
+    # the same points scaled and shifted: ratios of distances, so the same ranks (up to the
+    # rounding of near-ties)
+    moved = group_isolation(x * 3 + 1, y, k=20, near=5)
+    assert float((moved - s).abs().max()) <= 3 / len(y)
+    # a singleton class scores 0; bad k or near say which
+    assert float(group_isolation(x, torch.cat([y[:-1], torch.tensor([2])]), k=20)[-1]) == 0
+    with pytest.raises(EpicError, match="near must be < k"):
+        group_isolation(x, y, k=5, near=5)
+    with pytest.raises(EpicError, match="k must be >= 2"):
+        group_isolation(x, y, k=1)
+
+
+def test_epic_plus_group_score_drops_the_feature_space_group_not_the_gradient_outlier():
+    x, y, group = planted(group=6)
+    # logit gradients: the group looks ordinary, one clean point (7) is the gradient outlier
+    vectors = torch.full((len(y), 2), 0.1)
+    vectors[7] = 5.0
+    plus = EpicPlus(fraction=0.03, patience=1)  # the default: score="group", k=30
+    trainer = SimpleNamespace(active=torch.ones(len(y), dtype=torch.bool))
+    dropped, _ = plus._decide(trainer, GradientProxy(vectors, x), y)
+    assert plus.k == 30 and set(group.tolist()) <= set(dropped.tolist())
+    assert 7 not in dropped.tolist() and len(dropped) <= int(0.03 * len(y))
+    knn = EpicPlus(fraction=0.03, score="knn", patience=1)
+    dropped, _ = knn._decide(trainer, GradientProxy(vectors, x), y)
+    assert knn.k == 50 and 7 in dropped.tolist()
+    with pytest.raises(EpicError, match="score='group' compares penultimate features"):
+        EpicPlus(proxy="logits")
+    with pytest.raises(EpicError, match="k must be >= 6"):
+        EpicPlus(k=5)
+
+
 def rounds(defense, x, y, flags):
     """Run ``_decide`` once per entry of ``flags`` (extra points to push far in that round),
     applying its drops to a fake trainer's active mask as the defense does."""
@@ -57,16 +98,16 @@ def rounds(defense, x, y, flags):
 def test_only_isolation_that_persists_drops_and_the_cap_holds():
     x, y, group = planted()
     transient = torch.tensor([3])
-    plus = EpicPlus(fraction=0.03, k=5, patience=2)  # 6 of 204 flagged per round
+    plus = EpicPlus(fraction=0.03, score="knn", k=5, patience=2)  # 6 of 204 flagged per round
     first, second, third = rounds(plus, x, y, [transient, [], []])
     assert first == set()  # flagged once: nothing drops yet
     assert set(group.tolist()) <= second and 3 not in second  # the transient point stays
     assert second <= third and len(third) <= int(0.03 * len(y))
     # flagged in 2 rounds, but in fewer than half of the rounds so far: kept
-    late = EpicPlus(fraction=0.03, k=5, patience=2)
+    late = EpicPlus(fraction=0.03, score="knn", k=5, patience=2)
     drops = rounds(late, x, y, [transient, [], [], [], transient])
     assert int(late.votes[3]) == 2 and all(3 not in d for d in drops)
-    capped = EpicPlus(fraction=0.015, k=5, patience=1)  # room for 3 of the 4
+    capped = EpicPlus(fraction=0.015, score="knn", k=5, patience=1)  # room for 3 of the 4
     (once,) = rounds(capped, x, y, [[]])
     assert len(once) == 3 and once <= set(group.tolist())
 

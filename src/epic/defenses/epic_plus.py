@@ -1,21 +1,24 @@
-"""EPIC-plus: EPIC's idea (poisons are isolated in gradient space) without its clean losses.
+"""EPIC-plus: EPIC's idea (poisons are isolated) without its clean losses.
 
-The paper's EPIC drops every facility-location medoid left alone in its cluster. On real data
-that fires on ordinary hard examples too: 5-30% of the clean training set in our runs, and it
-misses bullseye and feature-collision poisons whose logit gradients sit among confused clean
-images. EPIC-plus keeps the schedule and the per-class view and changes three things:
+The paper's EPIC drops every facility-location medoid left alone in its cluster of logit
+gradients. On real data that fires on ordinary hard examples too (5-30% of the clean training
+set in our runs), and it misses bullseye and feature-collision poisons, whose logit gradients sit
+among confused clean images. EPIC-plus keeps the schedule and the per-class view and changes
+three things:
 
-* **the proxy** is the full last-layer gradient ``(softmax(z) - onehot(y)) ⊗ [h, 1]``, where
-  poisons crafted in feature space (bullseye, feature collision) stand apart from the clean
-  images that merely share their logit gradient;
-* **isolation is a number, ranked across classes**: the distance to the ``k``-th nearest
-  example of the same class (:func:`~epic.selection.knn_isolation`); a round flags the
-  ``fraction`` most isolated examples of the whole training set;
+* **what is isolated**: the poisons of one target are crafted towards one point, so among the
+  penultimate features (the right factor of the last-layer gradient ``g ⊗ [h, 1]``) they form a
+  small group apart from the clean examples of their label. The default score
+  (:func:`~epic.selection.group_isolation`) ranks that shape: a far ``k``-th same-class
+  neighbour against a close 5th one, or a ``k``-th same-class neighbour far against the
+  ``k``-th of any class. ``score="knn"`` keeps the first version's distance to the ``k``-th
+  same-class neighbour in last-layer gradient space (:func:`~epic.selection.knn_isolation`);
+* **isolation is a number, ranked across classes**: a round flags the ``fraction`` most
+  isolated examples of the whole training set, not a set number per class;
 * **only persistent isolation drops**: an example goes once it has been flagged in at least
   ``patience`` rounds and in at least half of the rounds so far, and never more than
   ``fraction`` of the training set in all (the most often flagged first). Poisons stay
-  isolated round after round; most clean examples that a round flags are not flagged again,
-  so the clean losses stay under the cap.
+  isolated round after round; most clean examples that a round flags are not flagged again.
 
 It works with any schedule, constant learning rate included (rounds then run to the end).
 """
@@ -26,12 +29,16 @@ from typing import Any
 
 import torch
 
-from .._validation import check_fraction, check_int
-from ..selection import GradientProxy, knn_isolation
+from .._errors import EpicError
+from .._validation import check_choice, check_fraction, check_int
+from ..selection import GradientProxy, group_isolation, knn_isolation
 from .base import register_defense
 from .epic import EpicDefense
 
-__all__ = ["EpicPlus"]
+__all__ = ["EpicPlus", "SCORES"]
+
+SCORES = ("group", "knn")
+_DEFAULT_K = {"group": 30, "knn": 50}
 
 
 @register_defense("epic-plus")
@@ -41,9 +48,16 @@ class EpicPlus(EpicDefense):
     Args:
         fraction: share of the training set flagged per round, and the most ever dropped
             (default 0.03).
-        k: the neighbour whose distance measures isolation (default 50: above the number of
-            poisons an attack usually plants per target, which otherwise are each other's
-            nearest neighbours; docs/defenses.md).
+        score: how isolation is measured. ``"group"`` (default): in the penultimate features,
+            the larger of the percentile ranks of ``d_k / d_5`` (a tight group far from the
+            rest of its class) and ``d_k / a_k`` (among other classes), where ``d_j`` is the
+            distance to the ``j``-th nearest same-class example and ``a_k`` to the ``k``-th of
+            any class (:func:`~epic.selection.group_isolation`; needs
+            ``proxy="last-layer"``). ``"knn"``: ``d_k`` in last-layer gradient space
+            (:func:`~epic.selection.knn_isolation`).
+        k: the far neighbour (default 30 for ``"group"``, 50 for ``"knn"``): above the number
+            of poisons an attack usually plants per target, which are each other's nearest
+            neighbours (docs/defenses.md).
         patience: rounds an example must have been flagged in (and in at least half of the
             rounds so far) before it is dropped (default 3).
         warmup, interval, until: the round schedule, as for ``epic`` (default: every epoch
@@ -55,22 +69,32 @@ class EpicPlus(EpicDefense):
 
     name = "epic-plus"
 
-    def __init__(self, *, fraction: float = 0.03, k: int = 50, patience: int = 3,
+    def __init__(self, *, fraction: float = 0.03, score: str = "group", k: int | None = None,
+                 patience: int = 3,
                  warmup: int = 1, interval: int = 1, until: int | None = None,
                  proxy: str = "last-layer", proxy_pass: str = "separate", seed: int = 0,
                  record_proxies: bool = False) -> None:
         super().__init__(warmup=warmup, interval=interval, until=until, proxy=proxy,
                          proxy_pass=proxy_pass, seed=seed, record_proxies=record_proxies)
         self.fraction = check_fraction("fraction", fraction)
-        self.k = check_int("k", k, minimum=1)
+        self.score = check_choice("score", score, SCORES)
+        if self.score == "group" and self.proxy != "last-layer":
+            raise EpicError("score='group' compares penultimate features; use "
+                            "proxy='last-layer' or score='knn'")
+        self.k = _DEFAULT_K[self.score] if k is None else check_int(
+            "k", k, minimum=6 if self.score == "group" else 1)  # group: above its near=5
         self.patience = check_int("patience", patience, minimum=1)
+        self._memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.votes: torch.Tensor | None = None  # rounds each example was flagged in
         self.voted = 0  # rounds so far
 
     def _decide(self, trainer: Any, proxies: GradientProxy, labels: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, Any]]:
         n = len(labels)
-        scores = knn_isolation(proxies, labels, k=self.k).cpu()
+        if self.score == "group":  # the features' bias column of ones changes no distance
+            scores = self._group_scores(proxies.features, labels)
+        else:
+            scores = knn_isolation(proxies, labels, k=self.k).cpu()
         budget = int(self.fraction * n)
         flagged = torch.zeros(n, dtype=torch.bool)
         if budget:
@@ -90,6 +114,18 @@ class EpicPlus(EpicDefense):
             ready = ready[order.topk(max(room, 0)).indices]
         drop = torch.cat([out.nonzero().squeeze(1), ready]).sort().values
         return drop, {"flagged_now": int(flagged.sum())}
+
+    def _group_scores(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """:func:`group_isolation` of the features, reused while they do not change (a frozen
+        extractor in transfer learning gives the same features every round)."""
+        if self._memo is not None:
+            feats, labs, scores = self._memo
+            if (feats.shape == features.shape and torch.equal(feats, features)
+                    and torch.equal(labs, labels)):
+                return scores
+        scores = group_isolation(features, labels, k=self.k).cpu()
+        self._memo = (features, labels, scores)
+        return scores
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "votes": self.votes, "voted": self.voted}

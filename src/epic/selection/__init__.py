@@ -5,7 +5,7 @@ Imports only torch (and epic's plumbing): never the trainer, data or models.
 
 from .epic import EPIC, SelectionResult
 from .facility import FacilityLocationResult, facility_location, objective
-from .isolation import knn_isolation
+from .isolation import group_isolation, knn_isolation
 from .proxy import GradientProxy, gradient_proxy, pairwise_distances
 from .schedule import SelectionSchedule
 
@@ -17,6 +17,7 @@ __all__ = [
     "SelectionSchedule",
     "facility_location",
     "gradient_proxy",
+    "group_isolation",
     "knn_isolation",
     "objective",
     "pairwise_distances",

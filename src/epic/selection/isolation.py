@@ -1,4 +1,4 @@
-"""How isolated each example is among the examples of its class, in gradient space.
+"""How isolated each example is among the examples of its class.
 
 EPIC calls a point isolated when a facility-location medoid ends up alone in its cluster; that
 test is binary and depends on the medoid budget, so it also fires on ordinary hard examples.
@@ -6,6 +6,11 @@ test is binary and depends on the medoid budget, so it also fires on ordinary ha
 ``k``-th nearest neighbour of the same class. Gradient proxies of one model share their units,
 so the scores of different classes can be ranked together. (A per-class normalisation, by the
 class's median, fails where a model fits most of a class exactly: the median is then zero.)
+
+:func:`group_isolation` looks for a small *group* apart from its class, the shape that
+feature-space attacks (bullseye polytope, feature collision) leave among penultimate features:
+a poison's nearest same-class neighbours are the other poisons, its ``k``-th is far, or it sits
+among examples of another class.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from .._errors import EpicError
 from .._validation import check_int, check_labels
 from .proxy import GradientProxy, as_proxy, pairwise_distances
 
-__all__ = ["knn_isolation"]
+__all__ = ["group_isolation", "knn_isolation"]
 
 
 def knn_isolation(proxies: Tensor | GradientProxy, labels: Tensor, *, k: int = 10,
@@ -57,3 +62,71 @@ def knn_isolation(proxies: Tensor | GradientProxy, labels: Tensor, *, k: int = 1
             dk.append(d.topk(kk, dim=1, largest=False).values[:, -1])
         scores[idx] = torch.cat(dk)
     return scores
+
+
+def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 5,
+                    block: int = 1024) -> Tensor:
+    """(N,) how much each example sits in a small group apart from its class, in [0, 1].
+
+    Two ratios of neighbour distances, each ranked over all examples (so they share a scale):
+    ``d_k / d_near``, the distance to the ``k``-th nearest same-class example over that to the
+    ``near``-th (large for a tight group of fewer than ``k`` points far from the rest of its
+    class), and ``d_k / a_k``, over the distance to the ``k``-th nearest example of any class
+    (large for a point among other classes). The score is the larger of the two percentile
+    ranks. Targeted poisons are a few examples crafted towards one target, so they tend to be
+    both each other's nearest neighbours and far from the clean examples of their label.
+
+    Args:
+        points: (N, D) vectors, e.g. penultimate features.
+        labels: (N,) integer class labels.
+        k: the far neighbour (capped at the class size minus one); above the number of
+            poisons an attack plants per target.
+        near: the near neighbour, 1 <= near < k (capped like ``k``).
+        block: rows of the (block, N) distance block held at once.
+
+    Returns:
+        Float32 scores; 0 in classes with a single example.
+    """
+    if not isinstance(points, Tensor) or points.ndim != 2 or not points.is_floating_point():
+        raise EpicError("points must be an (N, D) floating-point tensor")
+    n = len(points)
+    if n == 0:
+        raise EpicError("points are empty: there are no examples to score")
+    check_int("k", k, minimum=2)
+    check_int("near", near, minimum=1)
+    if near >= k:
+        raise EpicError(f"near must be < k ({k}), got {near}")
+    labels = check_labels(labels, n, None).to(points.device)
+    x = points.float()
+    sizes = torch.bincount(labels)[labels]  # (N,) size of each example's class
+    kk = (sizes - 1).clamp(max=k)  # per example, 0 in singleton classes
+    nn_ = (sizes - 1).clamp(max=near)
+    top = int(min(k, n - 1))
+    if top < 1:
+        return torch.zeros(n, device=points.device)
+    sq = x.pow(2).sum(1)
+    own, anyc = [], []
+    for lo in range(0, n, block):
+        rows = torch.arange(lo, min(lo + block, n), device=points.device)
+        d = pairwise_distances(x[rows], x, a_sq=sq[rows], b_sq=sq)
+        d[torch.arange(len(rows), device=d.device), rows] = float("inf")  # not itself
+        anyc.append(d.topk(top, dim=1, largest=False).values)
+        d.masked_fill_(labels[rows, None] != labels[None, :], float("inf"))
+        own.append(d.topk(top, dim=1, largest=False).values)
+    own_t, any_t = torch.cat(own), torch.cat(anyc)
+    alone = kk < 1
+    at = lambda t, j: t.gather(1, (j - 1).clamp(min=0)[:, None]).squeeze(1)  # noqa: E731
+    dk, dn, ak = at(own_t, kk), at(own_t, nn_), at(any_t, kk)
+    tiny = torch.finfo(torch.float32).tiny
+    group = dk / dn.clamp(min=tiny)
+    foreign = dk / ak.clamp(min=tiny)
+    score = torch.maximum(_percentile(group), _percentile(foreign))
+    return score.masked_fill_(alone, 0.0)
+
+
+def _percentile(x: Tensor) -> Tensor:
+    """(N,) rank of each value among all, scaled to (0, 1] (ties broken by position)."""
+    ranks = torch.empty_like(x)
+    ranks[x.argsort(stable=True)] = torch.arange(1, len(x) + 1, device=x.device,
+                                                 dtype=x.dtype)
+    return ranks / len(x)
