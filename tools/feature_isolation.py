@@ -10,7 +10,9 @@ top ``--top`` share of the scores. A defense that drops that share can at best c
 Scores (Euclidean distances between features; ``d_k`` is the distance to the k-th nearest
 example of the same label, ``a_k`` to the k-th nearest of any label):
 ``iso{k}`` = ``d_k``; ``ratio{k}`` = ``d_k / a_k``; ``drop5-{k}`` = ``d_k / d_5`` (a tight group
-far from the rest of its class); ``disagree{k}``: share of the k nearest with another label.
+far from the rest of its class); ``disagree{k}``: share of the k nearest with another label;
+``group{k}``: the larger of the percentile ranks of ``drop5-{k}`` and ``ratio{k}``
+(:func:`epic.selection.group_isolation`, what ``epic-plus`` ranks by default).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from _bench import open_bench  # noqa: E402
 from _common import environment, print_table, save  # noqa: E402
 from epic.data import PoisonSet, splice_poisons  # noqa: E402
 from epic.models.features import forward_with_features  # noqa: E402
+from epic.selection import group_isolation  # noqa: E402
 
 KS = (10, 30, 50)
 
@@ -43,6 +46,7 @@ def scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tens
         out[f"ratio{k}"] = own[:, k - 1] / near[:, k - 1]
         out[f"drop5-{k}"] = own[:, k - 1] / own[:, 4]
         out[f"disagree{k}"] = (labels[idx[:, :k]] != labels[:, None]).float().mean(1)
+        out[f"group{k}"] = group_isolation(features, labels, k=k)
     return out
 
 
