@@ -191,3 +191,14 @@ def test_poisons_alone_reads_a_bench(transfer_bench, tmp_path):
     assert row["trial"] == "trial-000" and row["adv_label"] != row["target_label"]
     for kind in ("poisons", "bases"):
         assert row[f"{kind}_adv_loss"] >= 0 and isinstance(row[f"{kind}_flipped"], bool)
+
+
+@pytest.mark.slow
+def test_clean_control_trains_clean_victims_and_predicts_every_target(transfer_bench, tmp_path):
+    data = run_script("tools/clean_control.py", tmp_path, "--bench", str(transfer_bench),
+                      "--seeds", "2")
+    assert data["benchmark"] == "clean_control" and data["seeds"] == [7000, 7001]
+    (row,) = data["rows"]
+    assert row["trial"] == 0 and row["undefended_runs"] >= 1
+    assert len(row["clean_predictions"]) == 2 and all(0 <= p < 10 for p in row["clean_predictions"])
+    assert row["clean_adv"] == sum(p == row["adv_label"] for p in row["clean_predictions"])
