@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -142,8 +143,14 @@ def test_selection_invariants():
     assert torch.equal(res.dropped, (~res.keep).nonzero().squeeze(1))
 
 
-@pytest.mark.parametrize("threads", [2, 3])
-def test_classes_in_parallel_give_the_serial_result_and_restore_threads(threads):
+@pytest.mark.parametrize("threads, processes", [(2, False), (3, False), (2, True)])
+def test_classes_in_parallel_give_the_serial_result_and_restore_threads(threads, processes,
+                                                                        monkeypatch):
+    import epic.selection.epic as epic_module
+
+    # small rounds keep to threads; with the threshold at 0 the classes go to worker processes
+    monkeypatch.setattr(epic_module, "_PROCESS_WORK", 0 if processes else 10**18)
+    monkeypatch.setattr(epic_module, "_POOLS", {})
     x, y, _ = planted(n_per_cluster=60, outliers=4, classes=5, seed=2)
     before = torch.get_num_threads()
     try:
@@ -156,6 +163,9 @@ def test_classes_in_parallel_give_the_serial_result_and_restore_threads(threads)
         torch.set_num_threads(before)
     for name in ("keep", "medoids", "cluster_sizes", "assignment"):
         assert torch.equal(getattr(serial, name), getattr(parallel, name)), name
+    assert bool(epic_module._POOLS) == (processes and sys.platform.startswith("linux"))
+    for pool in epic_module._POOLS.values():
+        pool.shutdown()
 
 
 def test_budget_is_proportional_with_a_minimum_of_one():

@@ -9,8 +9,11 @@ nothing else is close enough to join its cluster. Clusters of no more than
 
 from __future__ import annotations
 
+import multiprocessing
+import sys
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import torch
@@ -144,35 +147,78 @@ class EPIC:
         return SelectionResult(keep, dropped, medoids_t, sizes_t, assignment)
 
 
-    def _select_class(self, pts: GradientProxy, c: int, idx: Tensor) -> FacilityLocationResult:
+    def _select_class(self, points: GradientProxy, c: int) -> FacilityLocationResult:
+        """Facility location on the proxies ``points`` of class ``c``."""
         gen = torch.Generator().manual_seed(_class_seed(self.seed, c))
-        return facility_location(pts[idx], self.budget(len(idx)), metric=self.metric,
+        return facility_location(points, self.budget(len(points)), metric=self.metric,
                                  optimizer=self.optimizer, memory_mb=self.memory_mb,
                                  generator=gen)
 
 
-def _map_classes(fn: Callable[[GradientProxy, int, Tensor], FacilityLocationResult],
+def _map_classes(fn: Callable[[GradientProxy, int], FacilityLocationResult],
                  pts: GradientProxy, members: list[tuple[int, Tensor]]
                  ) -> list[FacilityLocationResult]:
-    """``fn(pts, c, idx)`` for every class. On a CPU with several torch threads the classes run
-    in parallel, one thread each: a class's greedy is a chain of small operations that one core
-    runs best, so classes side by side use the cores where threads inside each operation idle.
-    The results do not depend on the number of threads."""
+    """``fn(pts[idx], c)`` for every class ``(c, idx)``. On a CPU with several torch threads the
+    classes run side by side, one thread each: a class's greedy is a chain of small operations
+    that one core runs best. They run in worker processes where that is safe (see
+    :func:`_class_pool`): in threads of one process, the Python between those operations holds
+    the interpreter lock, so two classes at once took 0.8x the time of one after the other
+    instead of 0.5x. The results do not depend on the number of threads or on the pool."""
     threads = torch.get_num_threads()
     if pts.device.type != "cpu" or threads < 2 or len(members) < 2:
-        return [fn(pts, c, idx) for c, idx in members]
-    # largest classes first, so that no thread is left with a big one at the end
+        return [fn(pts[idx], c) for c, idx in members]
+    # largest classes first, so that no worker is left with a big one at the end
     order = sorted(range(len(members)), key=lambda k: -len(members[k][1]))
-    results: list[FacilityLocationResult | None] = [None] * len(members)
+    workers = min(threads, len(members))
+    work = sum(len(idx) ** 2 for _, idx in members)  # ~ the distance matrices' size
+    pool = _class_pool(workers) if work >= _PROCESS_WORK or workers in _POOLS else None
+    if pool is not None:
+        try:
+            return _run(pool, fn, pts, members, order)
+        except BrokenProcessPool:  # a worker died (e.g. killed): threads from now on
+            _POOLS.pop(workers, None)
+            _NO_PROCESSES.append(True)
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(max_workers=min(threads, len(members))) as pool:
-            futures = {k: pool.submit(fn, pts, *members[k]) for k in order}
-            for k, future in futures.items():
-                results[k] = future.result()
+        with ThreadPoolExecutor(max_workers=workers) as threads_pool:
+            return _run(threads_pool, fn, pts, members, order)
     finally:
         torch.set_num_threads(threads)
-    return results  # type: ignore[return-value]
+
+
+def _run(pool: Executor, fn: Callable[[GradientProxy, int], FacilityLocationResult],
+         pts: GradientProxy, members: list[tuple[int, Tensor]], order: list[int]
+         ) -> list[FacilityLocationResult]:
+    futures = {k: pool.submit(fn, pts[members[k][1]], members[k][0]) for k in order}
+    return [futures[k].result() for k in range(len(members))]
+
+
+# Rounds with less work than this (the sum of the squared class sizes; ~0.3 s of greedy) keep
+# to threads unless a pool is already running: starting one costs ~0.1 s.
+_PROCESS_WORK = 5 * 10**7
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+_NO_PROCESSES: list[bool] = []  # set once a pool broke
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _class_pool(workers: int) -> ProcessPoolExecutor | None:
+    """A pool of ``workers`` forked processes (one torch thread each, as in a DataLoader
+    worker) for the classes of a round, kept for the rounds after it. ``None`` where threads
+    are used instead: not on Linux, with CUDA initialised or a ``torch.distributed`` process
+    group in this process, or after a pool broke. Forked, not spawned: a spawned worker would
+    re-run the user's main script."""
+    if (_NO_PROCESSES or not sys.platform.startswith("linux") or torch.cuda.is_initialized()
+            or (torch.distributed.is_available() and torch.distributed.is_initialized())):
+        return None
+    pool = _POOLS.get(workers)
+    if pool is None:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_one_thread)
+        _POOLS[workers] = pool
+    return pool
 
 
 def _class_seed(seed: int, c: int) -> int:
