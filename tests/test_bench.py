@@ -193,6 +193,39 @@ def test_score_counts_robust_hits_stops_beyond_random_and_flips():
     assert "3 targets hit by the undefended victim with all 3" in markdown(score(rows))
 
 
+def test_a_clean_control_takes_clean_explained_targets_out_of_the_robust_hits(tmp_path):
+    import json
+
+    from epic.evaluation.report import markdown, per_target, read_clean_control, score
+
+    def row(defense, trial, hit, replicate=0):
+        r = {**_row(defense, trial, hit, replicate), "target_index": 10 + trial, "adv_label": 1}
+        r["summary"].update(target_index=10 + trial, target_label=0, adv_label=1)
+        return r
+
+    # targets 0-2 are robust hits; a clean victim already sends target 2 to class 1
+    rows = [row("none", t, True, r) for t in range(3) for r in range(3)]
+    rows += [row("d", 0, False), row("d", 1, False), row("d", 2, True)]
+    control = tmp_path / "clean_control.json"
+    control.write_text(json.dumps({"rows": [
+        {"seed": 0, "trial": t, "target_index": 10 + t, "adv_label": 1,
+         "clean_predictions": [1, 0, 1] if t == 2 else [0, 0, 0], "clean_adv": 2 if t == 2 else 0}
+        for t in range(3)]}))
+    clean = read_clean_control(control)
+    assert clean[0, 2, 12, 1] == (2, 3)
+    plain = {s.defense: s for s in score(rows)}
+    assert plain["d"].robust == 3 and plain["d"].stopped == 2 and plain["d"].net_success is None
+    by = {s.defense: s for s in score(rows, clean=clean)}
+    d = by["d"]
+    assert (d.robust, d.stopped, d.clean_explained) == (2, 2, 1)
+    assert d.success == pytest.approx(1 / 3) and d.net_success == 0.0
+    assert by["none"].net_success == 1.0
+    text = markdown(score(rows, clean=clean))
+    assert "net of clean-explained" in text and "(1 clean-explained targets" in text
+    assert "| 0/2 | 12 (" in per_target(rows, clean) and "| 2/3 |" in per_target(rows, clean)
+    assert "net of clean-explained" not in markdown(score(rows))
+
+
 def test_an_ensemble_of_surrogates_is_trained_with_distinct_seeds(tmp_path):
     cfg = load_bench_config({**TINY, "surrogate": {**TINY["surrogate"], "ensemble": 2}})
     paths = bench_mod._surrogates(cfg, tmp_path, None, seed=1)

@@ -202,3 +202,12 @@ def test_clean_control_trains_clean_victims_and_predicts_every_target(transfer_b
     assert row["trial"] == 0 and row["undefended_runs"] >= 1
     assert len(row["clean_predictions"]) == 2 and all(0 <= p < 10 for p in row["clean_predictions"])
     assert row["clean_adv"] == sum(p == row["adv_label"] for p in row["clean_predictions"])
+    assert row["seed"] == 0
+    (tmp_path / "result.json").replace(transfer_bench / "clean_control.json")
+    from epic.evaluation import write_report
+
+    try:  # the report reads the control from the bench folder
+        text = write_report(transfer_bench)["markdown"]
+        assert "net of clean-explained" in text
+    finally:
+        (transfer_bench / "clean_control.json").unlink()

@@ -11,6 +11,10 @@ adversarial class. Every target of a transfer bench shares the same clean traini
 run per seed covers them all.
 
     python tools/clean_control.py --bench runs/bench/c10-fc-g-final [--seeds 3]
+
+It writes ``clean_control.json`` into the bench folder (or ``--out``); ``epic report`` then
+leaves the clean-explained targets out of the robust hits and adds a "net" success column.
+The clean victims follow the recipe of the first undefended cell's victim.
 """
 
 from __future__ import annotations
@@ -43,10 +47,10 @@ def main() -> None:
     none = [r for r in rows if r["defense_name"] == "none"]
     if not none:
         sys.exit(f"error: {args.bench}/results.jsonl has no undefended (none) cell to copy")
-    targets = sorted({(r["trial"], r["target_index"], r["adv_label"]) for r in none})
-    hits: dict[int, list[bool]] = {}
+    targets = sorted({(r["seed"], r["trial"], r["target_index"], r["adv_label"]) for r in none})
+    hits: dict[tuple[int, int], list[bool]] = {}
     for r in none:
-        hits.setdefault(r["trial"], []).append(bool(r["summary"]["attack_success"]))
+        hits.setdefault((r["seed"], r["trial"]), []).append(bool(r["summary"]["attack_success"]))
     config = {k: v for k, v in none[0]["config"].items() if k != "attack"}
     base = RunConfig.from_dict(config)
     preds = []
@@ -58,27 +62,30 @@ def main() -> None:
             test_images = trainer.test[0]
             if not isinstance(test_images, torch.Tensor):
                 sys.exit("error: the bench streams its test split; this tool needs it in memory")
-            index = torch.tensor([t[1] for t in targets], device=test_images.device)
+            index = torch.tensor([t[2] for t in targets], device=test_images.device)
             logits, _ = trainer.predict(images=test_images.index_select(0, index))
             preds.append(logits.argmax(1).tolist())
             print(f"clean victim seed {SEED0 + s}: test accuracy {summary['clean_test_acc']:.4f}")
     out_rows = []
-    for k, (trial, index, adv) in enumerate(targets):
+    for k, (seed, trial, index, adv) in enumerate(targets):
         p = [seed_preds[k] for seed_preds in preds]
-        out_rows.append({"trial": trial, "target_index": index, "adv_label": adv,
+        h = hits[seed, trial]
+        out_rows.append({"seed": seed, "trial": trial, "target_index": index, "adv_label": adv,
                          "clean_predictions": p, "clean_adv": sum(x == adv for x in p),
-                         "undefended_hits": sum(hits[trial]), "undefended_runs": len(hits[trial])})
+                         "undefended_hits": sum(h), "undefended_runs": len(h)})
     explained = [r for r in out_rows if r["clean_adv"]]
     robust = [r for r in out_rows if r["undefended_hits"] == r["undefended_runs"]]
     print(f"{len(out_rows)} targets; {len(explained)} clean-explained (a clean victim predicts "
           f"the adversarial class), {sum(r['clean_adv'] > 0 for r in robust)} of the "
           f"{len(robust)} robust hits")
-    print_table(["trial", "target", "adv", "clean predictions", "undefended hits"],
-                [[r["trial"], r["target_index"], r["adv_label"], r["clean_predictions"],
+    print_table(["seed/trial", "target", "adv", "clean predictions", "undefended hits"],
+                [[f"{r['seed']}/{r['trial']}", r["target_index"], r["adv_label"],
+                  r["clean_predictions"],
                   f"{r['undefended_hits']}/{r['undefended_runs']}"] for r in explained])
     path = save("clean_control", {"benchmark": "clean_control", "bench": str(args.bench),
                                   "seeds": [SEED0 + s for s in range(args.seeds)],
-                                  "rows": out_rows, "env": environment()}, args.out)
+                                  "rows": out_rows, "env": environment()},
+                args.out or str(Path(args.bench) / "clean_control.json"))
     print(f"wrote {path}")
 
 

@@ -4,10 +4,15 @@ One markdown table per attack (and victim): attack success with its binomial sta
 clean accuracy with its spread, poisons and clean examples removed, wall time and its ratio to
 undefended training; plus two PNGs: success against accuracy for every defense, and the
 fraction of poisons dropped after each EPIC round.
+
+When the folder holds a ``clean_control.json`` (``tools/clean_control.py``: victims trained
+without poisons), targets that such a clean victim already sends to the adversarial class are
+*clean-explained*: they leave the robust hits, and a "net" success column leaves them out.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections import defaultdict
@@ -19,7 +24,8 @@ from .._errors import EpicError
 from .._io import atomic_write
 from .bench import read_results
 
-__all__ = ["DefenseScore", "score", "markdown", "per_target", "write_report"]
+__all__ = ["DefenseScore", "score", "markdown", "per_target", "read_clean_control",
+           "write_report"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,10 @@ class DefenseScore:
     ``stopped`` how many of them it turned into misses and ``stopped_vs_random`` how many of
     those its matched random drop (a ``random-drop`` entry with ``match`` = this defense) did
     not also stop (``None`` without such a control). ``flips`` is the share of targets the
-    undefended victim got right that this defense hands to the attacker.
+    undefended victim got right that this defense hands to the attacker. With a clean control,
+    ``clean_explained`` counts the targets a victim trained without poisons already sends to
+    the adversarial class (they are not robust hits) and ``net_success`` is the success on the
+    other targets.
     """
 
     attack: str
@@ -52,18 +61,44 @@ class DefenseScore:
     stopped: int = 0
     stopped_vs_random: int | None = None
     flips: float = 0.0
+    clean_explained: int = 0
+    net_success: float | None = None
+
+
+# (seed, trial, target index, adversarial class) -> clean victims predicting that class, of how many
+CleanControl = dict[tuple[int, int, int, int], tuple[int, int]]
+
+
+def read_clean_control(path: str | Path) -> CleanControl:
+    """The clean control ``tools/clean_control.py`` wrote: per target, how many victims
+    trained without poisons predict its adversarial class, out of how many."""
+    data = json.loads(Path(path).read_text())
+    return {(int(r.get("seed", 0)), int(r["trial"]), int(r["target_index"]), int(r["adv_label"])):
+            (int(r["clean_adv"]), len(r["clean_predictions"])) for r in data["rows"]}
+
+
+def _explained(r: dict[str, Any], clean: CleanControl | None) -> bool:
+    """Whether a clean victim already sends this row's target to the adversarial class."""
+    if not clean:
+        return False
+    key = (r["seed"], r["trial"], r.get("target_index", -1), r.get("adv_label", -1))
+    return clean.get(key, (0, 0))[0] > 0
 
 
 def _hit(summary: dict[str, Any]) -> bool:
     return bool(summary.get("attack_success"))
 
 
-def score(rows: list[dict[str, Any]], baseline: str = "none") -> list[DefenseScore]:
+def score(rows: list[dict[str, Any]], baseline: str = "none",
+          clean: CleanControl | None = None) -> list[DefenseScore]:
     """Aggregate result lines per (attack, victim, defense), in the order they first appear.
 
     Only each defense's first victim seed enters success and accuracy; the undefended
-    victim's extra seeds (``replicate`` > 0) decide which hits are robust.
+    victim's extra seeds (``replicate`` > 0) decide which hits are robust. ``clean`` (see
+    :func:`read_clean_control`) takes clean-explained targets out of the robust hits.
     """
+    explained = {(r["seed"], r["trial"]) for r in rows if _explained(r, clean)}
+    controlled = bool(clean)
     groups: dict[tuple[str, str, str], dict[tuple[int, int], dict[str, Any]]] = \
         defaultdict(dict)
     reps: dict[tuple[str, str], dict[tuple[int, int], list[bool]]] = \
@@ -86,11 +121,13 @@ def score(rows: list[dict[str, Any]], baseline: str = "none") -> list[DefenseSco
         p = sum(_hit(s) for s in runs) / n
         accs = [float(s["clean_test_acc"]) for s in runs]
         poisons = sum(s["poisons_total"] for s in runs)
-        clean = sum(s["train_examples"] - s["poisons_total"] for s in runs)
+        clean_total = sum(s["train_examples"] - s["poisons_total"] for s in runs)
         seconds = statistics.fmean(s["wall_seconds"] for s in runs)
         ref = base_time.get((attack, victim))
         undefended = reps.get((attack, victim), {})
-        robust = [t for t, hits in undefended.items() if hits and all(hits) and t in by_target]
+        robust = [t for t, hits in undefended.items()
+                  if hits and all(hits) and t in by_target and t not in explained]
+        kept = [t for t in by_target if t not in explained]
         stopped = [t for t in robust if not _hit(by_target[t])]
         ctrl = groups.get((attack, victim, control.get((attack, victim, defense), "")))
         verified = None if ctrl is None else sum(1 for t in stopped if t in ctrl
@@ -101,14 +138,17 @@ def score(rows: list[dict[str, Any]], baseline: str = "none") -> list[DefenseSco
             success_se=math.sqrt(p * (1 - p) / n), clean_acc=statistics.fmean(accs),
             clean_acc_std=statistics.pstdev(accs) if n > 1 else 0.0,
             poisons_removed=sum(s["poisons_dropped"] for s in runs) / max(poisons, 1),
-            clean_removed=sum(s["clean_dropped"] for s in runs) / max(clean, 1),
+            clean_removed=sum(s["clean_dropped"] for s in runs) / max(clean_total, 1),
             seconds=seconds, time_ratio=seconds / ref if ref else None,
             replicates=max((len(h) for h in undefended.values()), default=0),
             robust=len(robust),
             robust_success=(sum(_hit(by_target[t]) for t in robust) / len(robust)
                             if robust else None),
             stopped=len(stopped), stopped_vs_random=verified,
-            flips=(sum(_hit(by_target[t]) for t in misses) / len(misses) if misses else 0.0)))
+            flips=(sum(_hit(by_target[t]) for t in misses) / len(misses) if misses else 0.0),
+            clean_explained=n - len(kept),
+            net_success=(sum(_hit(by_target[t]) for t in kept) / len(kept)
+                         if controlled and kept else None)))
     return out
 
 
@@ -120,20 +160,28 @@ def markdown(scores: list[DefenseScore]) -> str:
         rows = [s for s in scores if (s.attack, s.victim) == (attack, victim)]
         reps = max(s.replicates for s in rows)
         robust = rows[0].robust
+        net = any(s.net_success is not None for s in rows)
+        note = (f" ({rows[0].clean_explained} clean-explained targets, which a victim "
+                "trained without poisons already sends to the adversarial class, left out)"
+                if net else "")
         lines = [f"### {attack} ({victim})", "",
                  f"Robust hits: {robust} targets hit by the undefended victim with all {reps} "
-                 "of its seeds.", "",
-                 "| defense | trials | attack success | on robust hits | stopped (not by "
-                 "random drop) | flips miss -> hit | clean accuracy | poisons removed | "
-                 "clean removed | time (s) | time / undefended |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+                 f"of its seeds{note}.", "",
+                 "| defense | trials | attack success | "
+                 + ("net of clean-explained | " if net else "")
+                 + "on robust hits | stopped (not by random drop) | flips miss -> hit | "
+                 "clean accuracy | poisons removed | clean removed | time (s) | "
+                 "time / undefended |",
+                 "|---|---|---|" + ("---|" if net else "") + "---|---|---|---|---|---|---|---|"]
         for s in rows:
             ratio = f"{s.time_ratio:.2f}x" if s.time_ratio is not None else "n/a"
             on_robust = "n/a" if s.robust_success is None else f"{s.robust_success:.0%}"
             verified = "n/a" if s.stopped_vs_random is None else str(s.stopped_vs_random)
             stopped = f"{s.stopped}/{s.robust} ({verified})"
+            net_cell = ("" if not net else "n/a | " if s.net_success is None
+                        else f"{s.net_success:.0%} | ")
             lines.append(f"| {s.defense} | {s.trials} | {s.success:.0%} ± {s.success_se:.0%} | "
-                         f"{on_robust} | {stopped} | {s.flips:.0%} | "
+                         f"{net_cell}{on_robust} | {stopped} | {s.flips:.0%} | "
                          f"{s.clean_acc:.2%} ± {s.clean_acc_std:.2%} | "
                          f"{s.poisons_removed:.0%} | {s.clean_removed:.2%} | "
                          f"{s.seconds:.1f} | {ratio} |")
@@ -145,9 +193,10 @@ def markdown(scores: list[DefenseScore]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def per_target(rows: list[dict[str, Any]]) -> str:
+def per_target(rows: list[dict[str, Any]], clean: CleanControl | None = None) -> str:
     """One markdown table per (attack, victim): a row per target trial, a column per defense,
-    each cell the outcome with the poisons and clean examples that defense dropped."""
+    each cell the outcome with the poisons and clean examples that defense dropped; with a
+    clean control, a column of the clean victims that predict the adversarial class."""
     parts = []
     keys = list(dict.fromkeys((r["attack"], r["victim"]) for r in rows))
     for attack, victim in keys:
@@ -162,8 +211,8 @@ def per_target(rows: list[dict[str, Any]]) -> str:
                 trials[r["seed"], r["trial"]][r["defense"]] = r["summary"]
         lines = [f"### {attack} ({victim}): per target", "",
                  "| seed/trial | target (class -> adversarial) | undefended seeds hit | "
-                 + " | ".join(defenses) + " |",
-                 "|---|---|---|" + "---|" * len(defenses)]
+                 + ("clean victims hit | " if clean else "") + " | ".join(defenses) + " |",
+                 "|---|---|---|" + ("---|" if clean else "") + "---|" * len(defenses)]
         for (seed, trial), by in sorted(trials.items()):
             first = next(iter(by.values()))
             cells = []
@@ -177,8 +226,13 @@ def per_target(rows: list[dict[str, Any]]) -> str:
                     cell += f" ({s['poisons_dropped']}/{s['poisons_total']}, {s['clean_dropped']})"
                 cells.append(cell)
             hits = undefended.get((seed, trial), [])
+            control = ""
+            if clean:
+                key = (seed, trial, first["target_index"], first["adv_label"])
+                adv, total = clean.get(key, (0, 0))
+                control = f"{adv}/{total} | " if total else "- | "
             lines.append(f"| {seed}/{trial} | {first['target_index']} ({first['target_label']} -> "
-                         f"{first['adv_label']}) | {sum(hits)}/{len(hits)} | "
+                         f"{first['adv_label']}) | {sum(hits)}/{len(hits)} | {control}"
                          + " | ".join(cells) + " |")
         lines += ["", "Cells: outcome (poisons dropped / poisons, clean examples dropped)."]
         parts.append("\n".join(lines))
@@ -242,9 +296,13 @@ def write_report(results: str | Path, out: str | Path | None = None) -> dict[str
         raise EpicError(f"{results} holds no finished cells yet; run `epic bench` first")
     folder = Path(out) if out is not None else (Path(results) if Path(results).is_dir()
                                                  else Path(results).parent)
-    scores = score(rows)
+    control = folder / "clean_control.json"
+    if not control.exists() and Path(results).is_dir():
+        control = Path(results) / "clean_control.json"
+    clean = read_clean_control(control) if control.exists() else None
+    scores = score(rows, clean=clean)
     text = markdown(scores)
-    full = text + "\n## Per target\n\n" + per_target(rows)
+    full = text + "\n## Per target\n\n" + per_target(rows, clean)
     report = atomic_write(folder / "report.md", lambda f: f.write(full))
     paths = {"report": str(report), "tradeoff": str(folder / "tradeoff.png")}
     _plot_tradeoff(scores, folder / "tradeoff.png")
