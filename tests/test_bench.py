@@ -221,7 +221,7 @@ def test_a_clean_control_takes_clean_explained_targets_out_of_the_robust_hits(tm
     assert d.success == pytest.approx(1 / 3) and d.net_success == 0.0
     assert by["none"].net_success == 1.0
     text = markdown(score(rows, clean=clean))
-    assert "net of clean-explained" in text and "(1 clean-explained targets" in text
+    assert "net of clean-explained" in text and "(1 clean-explained target," in text
     assert "| 0/2 | 12 (" in per_target(rows, clean) and "| 2/3 |" in per_target(rows, clean)
     assert "net of clean-explained" not in markdown(score(rows))
 

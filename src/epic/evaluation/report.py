@@ -161,7 +161,8 @@ def markdown(scores: list[DefenseScore]) -> str:
         reps = max(s.replicates for s in rows)
         robust = rows[0].robust
         net = any(s.net_success is not None for s in rows)
-        note = (f" ({rows[0].clean_explained} clean-explained targets, which a victim "
+        k = rows[0].clean_explained
+        note = (f" ({k} clean-explained target{'' if k == 1 else 's'}, which a victim "
                 "trained without poisons already sends to the adversarial class, left out)"
                 if net else "")
         lines = [f"### {attack} ({victim})", "",
