@@ -90,6 +90,30 @@ def test_resume_skips_finished_cells(finished, monkeypatch):
     assert calls == []
 
 
+def test_clean_seeds_train_clean_victims_once_and_the_report_uses_them(finished, tmp_path,
+                                                                       monkeypatch):
+    import shutil
+
+    out = tmp_path / "bench"
+    shutil.copytree(finished[0], out)
+    cfg = load_bench_config({**TINY, "clean_seeds": 2})
+    rows = run_bench(cfg, out, progress=False)  # every cell is done: only the control runs
+    control = json.loads((out / "clean_control.json").read_text())
+    assert control["seeds"] == [7000, 7001] and len(control["clean_test_acc"]) == 2
+    targets = {(r["trial"], r["target_index"], r["adv_label"]) for r in rows}
+    assert {(r["trial"], r["target_index"], r["adv_label"]) for r in control["rows"]} == targets
+    for r in control["rows"]:
+        assert len(r["clean_predictions"]) == 2 and r["undefended_runs"] == 2
+        assert r["clean_adv"] == sum(p == r["adv_label"] for p in r["clean_predictions"])
+    calls = []
+    monkeypatch.setattr(bench_mod, "execute_run", lambda *a, **k: calls.append(a))
+    run_bench(cfg, out, progress=False)  # the control covers every target: not re-run
+    assert calls == []
+    assert "net of clean-explained" in write_report(out)["markdown"]
+    with pytest.raises(EpicError, match="clean_seeds must be an integer from 0 to 10"):
+        load_bench_config({**TINY, "clean_seeds": 11})
+
+
 def test_report_tables_and_plots(finished, tmp_path):
     out, _ = finished
     result = write_report(out, tmp_path)
@@ -194,8 +218,6 @@ def test_score_counts_robust_hits_stops_beyond_random_and_flips():
 
 
 def test_a_clean_control_takes_clean_explained_targets_out_of_the_robust_hits(tmp_path):
-    import json
-
     from epic.evaluation.report import markdown, per_target, read_clean_control, score
 
     def row(defense, trial, hit, replicate=0):

@@ -14,6 +14,8 @@ Config keys (see ``configs/*.yaml``)::
     trials: 5                 # targets per attack and seed
     seeds: [0]
     replicates: 3             # undefended victims per target, each with its own seed
+    clean_seeds: 3            # victims trained without poisons: which targets they already
+                              # send to the adversarial class (clean_control.json; default 0)
     surrogate: {model: convnet, epochs: 6, train_slice: "0:10000", lr: 0.05}  # or {checkpoint: F}
                               # (any training key; ensemble: N crafts on N surrogates)
     victim: {model: convnet, epochs: 6, lr: 0.05}       # or victims: [{label: ..., ...}, ...]
@@ -39,16 +41,16 @@ from tqdm.auto import tqdm
 from .. import __version__
 from .. import _distributed as dist
 from .._errors import EpicError
-from .._io import write_jsonl, write_yaml
+from .._io import write_json, write_jsonl, write_yaml
 from ..attacks import AttackSpec, ThreatModel
 from ..data import load_split
 from ..defenses import DefenseSpec
 from ..training import TrainConfig
 from .craft import CraftConfig, choose_targets, craft_poisons
-from .run import RunConfig, pretrain, run_training
+from .run import RunConfig, execute_run, pretrain, run_training
 
-__all__ = ["BenchConfig", "Cell", "TRAIN_KEYS", "default_data_root", "load_bench_config",
-           "read_results", "run_bench", "surrogate_paths"]
+__all__ = ["BenchConfig", "Cell", "TRAIN_KEYS", "clean_control", "default_data_root",
+           "load_bench_config", "read_results", "run_bench", "surrogate_paths"]
 
 RESULTS = "results.jsonl"
 # A victim's training keys are TrainConfig's fields; the bench sets seed and progress itself.
@@ -80,6 +82,7 @@ class BenchConfig:
     trials: int = 5
     seeds: list[int] = field(default_factory=lambda: [0])
     replicates: int = 1
+    clean_seeds: int = 0
     out: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,7 +114,7 @@ class Cell:
 
 
 _TOP_KEYS = {"name", "dataset", "data_root", "train_slice", "trials", "seeds", "replicates",
-             "surrogate", "victim", "victims", "attacks", "defenses", "out"}
+             "clean_seeds", "surrogate", "victim", "victims", "attacks", "defenses", "out"}
 # an attack entry: the AttackSpec's flat keys, plus the bench's label and defense options
 _ATTACK_KEYS = {"name", "options", *(f.name for f in fields(ThreatModel)), "label",
                 "defense_options"}
@@ -216,6 +219,10 @@ def load_bench_config(source: str | Path | dict[str, Any]) -> BenchConfig:
     if isinstance(replicates, bool) or not isinstance(replicates, int) \
             or not 1 <= replicates <= 10:
         raise EpicError(f"replicates must be an integer from 1 to 10, got {replicates!r}")
+    clean_seeds = raw.get("clean_seeds", 0)
+    if isinstance(clean_seeds, bool) or not isinstance(clean_seeds, int) \
+            or not 0 <= clean_seeds <= 10:
+        raise EpicError(f"clean_seeds must be an integer from 0 to 10, got {clean_seeds!r}")
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(
             isinstance(s, int) and not isinstance(s, bool) for s in seeds):
@@ -223,6 +230,7 @@ def load_bench_config(source: str | Path | dict[str, Any]) -> BenchConfig:
     return BenchConfig(name=str(raw.get("name", "bench")), dataset=raw["dataset"],
                        data_root=raw.get("data_root"), train_slice=raw.get("train_slice"),
                        trials=trials, seeds=seeds, replicates=replicates,
+                       clean_seeds=clean_seeds,
                        surrogate=surrogate, victims=victims,
                        attacks=attacks, defenses=defenses, out=raw.get("out"))
 
@@ -371,7 +379,78 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
                      "env": env, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         if main:
             write_jsonl(results_path, rows)
+    if cfg.clean_seeds:
+        path = out / CLEAN_CONTROL
+        have = json.loads(path.read_text()) if path.exists() else {}
+        wanted = _targets(rows)
+        if have.get("seeds") != _clean_train_seeds(cfg.clean_seeds) or \
+                {_target_key(r) for r in have.get("rows", [])} != set(wanted):
+            control = clean_control(rows, cfg.clean_seeds, out / "clean")
+            if main:
+                write_json(path, control)
     return rows
+
+
+CLEAN_CONTROL = "clean_control.json"
+_CLEAN_SEED0 = 7000  # clean victims train with seeds 7000, 7001, ...: no cell uses them
+
+
+def _clean_train_seeds(n: int) -> list[int]:
+    return [_CLEAN_SEED0 + s for s in range(n)]
+
+
+def _target_key(r: dict[str, Any]) -> tuple[int, int, int, int]:
+    return (int(r["seed"]), int(r["trial"]), int(r["target_index"]), int(r["adv_label"]))
+
+
+def _targets(rows: list[dict[str, Any]]) -> list[tuple[int, int, int, int]]:
+    """(bench seed, trial, target index, adversarial class) of every undefended cell."""
+    return sorted({_target_key(r) for r in rows if r["defense_name"] == "none"})
+
+
+def clean_control(rows: list[dict[str, Any]], seeds: int, out: str | Path) -> dict[str, Any]:
+    """Train the undefended victim's recipe without poisons ``seeds`` times and record, for
+    every target of ``rows``, what those clean victims predict.
+
+    A target that a clean victim already sends to the adversarial class (*clean-explained*)
+    is no evidence of the attack, and no defense can stop it; ``epic report`` leaves such
+    targets out of the robust hits (see :func:`~epic.evaluation.report.read_clean_control`).
+    The recipe is that of the first undefended cell (its victim, with ``poisons=None``);
+    targets share the clean training split, so one run per seed covers them all. Every process
+    of a ``torchrun`` trains (as for cells); the result is the same on each.
+    """
+    none = [r for r in rows if r["defense_name"] == "none"]
+    if not none:
+        raise EpicError("the clean control needs an undefended ('none') cell in the results")
+    targets = _targets(rows)
+    hits: dict[tuple[int, int], list[bool]] = {}
+    for r in none:
+        hits.setdefault((r["seed"], r["trial"]), []).append(
+            bool(r["summary"].get("attack_success")))
+    base = RunConfig.from_dict({k: v for k, v in none[0]["config"].items() if k != "attack"})
+    preds, accs = [], []
+    for seed in _clean_train_seeds(seeds):
+        train = TrainConfig.from_dict({**base.train.to_dict(), "seed": seed, "progress": False})
+        run = RunConfig.from_dict({**base.to_dict(), "poisons": None, "defense": None,
+                                   "out": str(Path(out) / f"seed{seed}"),
+                                   "train": train.to_dict()})
+        summary, trainer, _ = execute_run(run, resume=False)
+        images = trainer.test[0]
+        if not isinstance(images, torch.Tensor):
+            raise EpicError("the clean control needs the test split in memory (not streamed)")
+        index = torch.tensor([t[2] for t in targets], device=images.device)
+        logits, _ = trainer.predict(images=images.index_select(0, index))
+        preds.append(logits.argmax(1).tolist())
+        accs.append(summary["clean_test_acc"])
+    out_rows = []
+    for k, (seed, trial, index, adv) in enumerate(targets):
+        p = [run_preds[k] for run_preds in preds]
+        h = hits[seed, trial]
+        out_rows.append({"seed": seed, "trial": trial, "target_index": index, "adv_label": adv,
+                         "clean_predictions": p, "clean_adv": sum(x == adv for x in p),
+                         "undefended_hits": sum(h), "undefended_runs": len(h)})
+    return {"benchmark": "clean_control", "seeds": _clean_train_seeds(seeds),
+            "clean_test_acc": accs, "rows": out_rows}
 
 
 def _events(run_dir: Path) -> list[dict[str, Any]]:
