@@ -178,6 +178,7 @@ def _map_classes(fn: Callable[[GradientProxy, int], FacilityLocationResult],
         except BrokenProcessPool:  # a worker died (e.g. killed): threads from now on
             _POOLS.pop(workers, None)
             _NO_PROCESSES.append(True)
+            pool.shutdown(wait=False, cancel_futures=True)
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(max_workers=workers) as threads_pool:
