@@ -5,8 +5,8 @@ clean accuracy with its spread, poisons and clean examples removed, wall time an
 undefended training; plus two PNGs: success against accuracy for every defense, and the
 fraction of poisons dropped after each EPIC round.
 
-When the folder holds a ``clean_control.json`` (``tools/clean_control.py``: victims trained
-without poisons), targets that such a clean victim already sends to the adversarial class are
+When the folder holds a ``clean_control.json`` (victims trained without poisons: a bench
+config's ``clean_seeds``, or ``tools/clean_control.py`` for an existing folder), targets that such a clean victim already sends to the adversarial class are
 *clean-explained*: they leave the robust hits, and a "net" success column leaves them out.
 """
 
@@ -70,8 +70,8 @@ CleanControl = dict[tuple[int, int, int, int], tuple[int, int]]
 
 
 def read_clean_control(path: str | Path) -> CleanControl:
-    """The clean control ``tools/clean_control.py`` wrote: per target, how many victims
-    trained without poisons predict its adversarial class, out of how many."""
+    """A ``clean_control.json`` (:func:`~epic.evaluation.clean_control`): per target, how many
+    victims trained without poisons predict its adversarial class, out of how many."""
     data = json.loads(Path(path).read_text())
     return {(int(r.get("seed", 0)), int(r["trial"]), int(r["target_index"]), int(r["adv_label"])):
             (int(r["clean_adv"]), len(r["clean_predictions"])) for r in data["rows"]}
