@@ -6,8 +6,9 @@ undefended training; plus two PNGs: success against accuracy for every defense, 
 fraction of poisons dropped after each EPIC round.
 
 When the folder holds a ``clean_control.json`` (victims trained without poisons: a bench
-config's ``clean_seeds``, or ``tools/clean_control.py`` for an existing folder), targets that such a clean victim already sends to the adversarial class are
-*clean-explained*: they leave the robust hits, and a "net" success column leaves them out.
+config's ``clean_seeds``, or ``tools/clean_control.py`` for an existing folder), targets that
+such a clean victim already sends to the adversarial class are *clean-explained*: they leave
+the robust hits, and a "net" success column leaves them out.
 """
 
 from __future__ import annotations
