@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _common import environment, print_table, save  # noqa: E402
 from epic import EpicError  # noqa: E402
 from epic.evaluation import clean_control, read_results  # noqa: E402
+from epic.evaluation.bench import CLEAN_CONTROL  # noqa: E402
 
 
 def main() -> None:
@@ -54,7 +55,7 @@ def main() -> None:
                   r["clean_predictions"], f"{r['undefended_hits']}/{r['undefended_runs']}"]
                  for r in explained])
     path = save("clean_control", {**control, "bench": str(args.bench), "env": environment()},
-                args.out or str(Path(args.bench) / "clean_control.json"))
+                args.out or str(Path(args.bench) / CLEAN_CONTROL))
     print(f"wrote {path}")
 
 

@@ -30,7 +30,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -430,10 +430,8 @@ def clean_control(rows: list[dict[str, Any]], seeds: int, out: str | Path) -> di
     base = RunConfig.from_dict({k: v for k, v in none[0]["config"].items() if k != "attack"})
     preds, accs = [], []
     for seed in _clean_train_seeds(seeds):
-        train = TrainConfig.from_dict({**base.train.to_dict(), "seed": seed, "progress": False})
-        run = RunConfig.from_dict({**base.to_dict(), "poisons": None, "defense": None,
-                                   "out": str(Path(out) / f"seed{seed}"),
-                                   "train": train.to_dict()})
+        run = replace(base, poisons=None, defense=None, out=str(Path(out) / f"seed{seed}"),
+                      train=replace(base.train, seed=seed, progress=False))
         summary, trainer, _ = execute_run(run, resume=False)
         images = trainer.test[0]
         if not isinstance(images, torch.Tensor):

@@ -23,7 +23,7 @@ from typing import Any
 
 from .._errors import EpicError
 from .._io import atomic_write
-from .bench import read_results
+from .bench import CLEAN_CONTROL, _target_key, read_results
 
 __all__ = ["DefenseScore", "score", "markdown", "per_target", "read_clean_control",
            "write_report"]
@@ -80,10 +80,7 @@ def read_clean_control(path: str | Path) -> CleanControl:
 
 def _explained(r: dict[str, Any], clean: CleanControl | None) -> bool:
     """Whether a clean victim already sends this row's target to the adversarial class."""
-    if not clean:
-        return False
-    key = (r["seed"], r["trial"], r.get("target_index", -1), r.get("adv_label", -1))
-    return clean.get(key, (0, 0))[0] > 0
+    return bool(clean) and clean.get(_target_key(r), (0, 0))[0] > 0
 
 
 def _hit(summary: dict[str, Any]) -> bool:
@@ -298,9 +295,9 @@ def write_report(results: str | Path, out: str | Path | None = None) -> dict[str
         raise EpicError(f"{results} holds no finished cells yet; run `epic bench` first")
     folder = Path(out) if out is not None else (Path(results) if Path(results).is_dir()
                                                  else Path(results).parent)
-    control = folder / "clean_control.json"
+    control = folder / CLEAN_CONTROL
     if not control.exists() and Path(results).is_dir():
-        control = Path(results) / "clean_control.json"
+        control = Path(results) / CLEAN_CONTROL
     clean = read_clean_control(control) if control.exists() else None
     scores = score(rows, clean=clean)
     text = markdown(scores)
