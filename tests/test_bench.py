@@ -114,6 +114,21 @@ def test_clean_seeds_train_clean_victims_once_and_the_report_uses_them(finished,
         load_bench_config({**TINY, "clean_seeds": 11})
 
 
+def test_clean_seeds_with_only_other_defenses_run_no_control(finished, tmp_path):
+    import shutil
+
+    # `epic bench --defense epic-0.2` into a folder without undefended cells: the control has
+    # no targets to check, so it is skipped instead of failing after every cell has run
+    out = tmp_path / "bench"
+    out.mkdir()
+    shutil.copytree(finished[0] / "surrogates", out / "surrogates")
+    shutil.copytree(finished[0] / "poisons", out / "poisons")
+    only = {**TINY, "clean_seeds": 2, "defenses": [TINY["defenses"][1]]}
+    rows = run_bench(load_bench_config(only), out, progress=False)
+    assert {r["defense"] for r in rows} == {"epic-0.2"} and len(rows) == 2
+    assert not (out / "clean_control.json").exists()
+
+
 def test_report_tables_and_plots(finished, tmp_path):
     out, _ = finished
     result = write_report(out, tmp_path)

@@ -379,10 +379,10 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
                      "env": env, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         if main:
             write_jsonl(results_path, rows)
-    if cfg.clean_seeds:
+    wanted = _targets(rows)
+    if cfg.clean_seeds and wanted:  # a run of other defenses only (--defense X) has no targets
         path = out / CLEAN_CONTROL
         have = json.loads(path.read_text()) if path.exists() else {}
-        wanted = _targets(rows)
         if have.get("seeds") != _clean_train_seeds(cfg.clean_seeds) or \
                 {_target_key(r) for r in have.get("rows", [])} != set(wanted):
             control = clean_control(rows, cfg.clean_seeds, out / "clean")
