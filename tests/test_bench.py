@@ -275,3 +275,16 @@ def test_an_ensemble_of_surrogates_is_trained_with_distinct_seeds(tmp_path):
     assert [str(p) for p in bench_mod.surrogate_paths(fixed, tmp_path, 1)] == [paths[1]]
     with pytest.raises(EpicError, match="ensemble must be an integer from 1 to 8"):
         load_bench_config({**TINY, "surrogate": {**TINY["surrogate"], "ensemble": 0}})
+
+
+def test_crafting_follows_the_augmentation_all_victims_share():
+    victim = {"model": "convnet", "epochs": 1}
+    base = {**{k: v for k, v in TINY.items() if k != "victim"}, "dataset": "cifar10"}
+    same = load_bench_config({**base, "victims": [{**victim, "label": "a", "augment": "none"},
+                                                  {**victim, "label": "b", "augment": "none"}]})
+    assert bench_mod._victims_augmentation(same) == "none"
+    default = load_bench_config({**base, "victims": [{**victim, "label": "a"}]})
+    assert bench_mod._victims_augmentation(default) == "crop-flip"  # CIFAR-10's default
+    mixed = load_bench_config({**base, "victims": [{**victim, "label": "a", "augment": "none"},
+                                                   {**victim, "label": "b"}]})
+    assert bench_mod._victims_augmentation(mixed) is None  # the dataset's default decides

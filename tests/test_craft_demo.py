@@ -43,8 +43,10 @@ def test_an_attack_spec_reads_the_yaml_layout_and_round_trips():
     assert AttackSpec.parse({"name": "bullseye-polytope", "num_poisons": None}).threat == \
         ThreatModel()  # None keeps the default
     assert spec.create().steps == 3
-    cfg = CraftConfig(attack=raw, checkpoints=[])
-    assert cfg.attack == spec and cfg.to_dict()["attack"] == data
+    cfg = CraftConfig(attack=raw, checkpoints=[])  # digits: crafting does not augment either
+    resolved = AttackSpec("gradient-matching", ThreatModel(budget=0.02, eps=8),
+                          {"steps": 3, "augment": False, "flip": False})
+    assert cfg.attack == resolved and AttackSpec.parse(cfg.to_dict()["attack"]) == resolved
 
 
 @pytest.mark.parametrize("value, message", [
@@ -157,3 +159,23 @@ def test_sleeper_agent_runs_are_scored_on_patched_source_images(surrogate, tmp_p
                                      train=TrainConfig(epochs=1, progress=False)))
     assert 0.0 <= summary["backdoor_success"] <= 1.0
     assert summary["attack_success"] == (summary["backdoor_success"] > 0.5)
+
+
+def test_crafting_augments_as_the_victim_trains_unless_the_options_say_otherwise():
+    def options(attack, **kw):
+        return CraftConfig(attack=attack, checkpoints=["s.pt"], **kw).attack.options
+
+    # digits victims train without augmentation: no crops or flips while crafting
+    assert options("gradient-matching", dataset="digits") == {"augment": False, "flip": False}
+    assert options("gradient-matching", dataset="cifar10") == {"augment": True, "flip": True}
+    assert options("sleeper-agent", dataset="mnist") == {"augment": True, "flip": False}
+    # a bench whose victims train without augmentation on CIFAR-10
+    assert options("gradient-matching", dataset="cifar10", augmentation="none") == {
+        "augment": False, "flip": False}
+    # options given explicitly win; attacks without these options keep theirs
+    assert options({"name": "gradient-matching", "options": {"augment": True}},
+                   dataset="digits") == {"augment": True, "flip": False}
+    assert options({"name": "bullseye-polytope", "options": {"steps": 5}},
+                   dataset="digits") == {"steps": 5}
+    with pytest.raises(EpicError, match="augmentation"):
+        options("gradient-matching", dataset="digits", augmentation="rotate")

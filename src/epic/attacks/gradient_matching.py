@@ -337,8 +337,9 @@ class GradientMatching(Attack):
         tau: Learning rate in units of eps (paper: 0.1), decayed by 0.1 at 3/8, 5/8, 7/8.
         restarts: Random restarts; the one with the lowest alignment loss is kept (paper: 8
             on ResNet-18; default 1).
-        augment: Differentiable random crop while crafting (paper: on).
-        flip: Also random left-right flips; pass ``False`` for digits and MNIST.
+        augment: Differentiable random crop while crafting (paper: on); match the victim's
+            training (``epic craft`` and ``epic bench`` set it from the augmentation).
+        flip: Also random left-right flips; ``False`` for digits and MNIST.
         batch_size: Poisons per forward pass; more are processed in chunks with the exact
             full-batch gradient.
 

@@ -197,8 +197,9 @@ class SleeperAgent(GradientMatching):
         steps: Signed-Adam steps per restart (paper: 250).
         tau: Learning rate in units of eps, decayed by 0.1 at 3/8, 5/8, 7/8 of the steps.
         restarts: Random restarts; the lowest final alignment loss wins.
-        augment: Differentiable random crop of the poisons while crafting.
-        flip: Also random flips; pass ``False`` for digits and MNIST.
+        augment: Differentiable random crop of the poisons while crafting; match the
+            victim's training (``epic craft`` and ``epic bench`` set it from the augmentation).
+        flip: Also random flips; ``False`` for digits and MNIST.
         batch_size: Poisons (and source images) per forward pass.
         patch_size: Side of the trigger; ``None`` picks ``max(2, H // 8)``.
         placement: ``'random'`` (default, a random position per source image) or ``'fixed'``

@@ -43,7 +43,7 @@ from .. import _distributed as dist
 from .._errors import EpicError
 from .._io import write_json, write_jsonl, write_yaml
 from ..attacks import AttackSpec, ThreatModel
-from ..data import load_split
+from ..data import dataset_info, load_split
 from ..defenses import DefenseSpec
 from ..training import TrainConfig
 from .craft import CraftConfig, choose_targets, craft_poisons
@@ -304,6 +304,14 @@ def _attack_spec(entry: dict[str, Any]) -> AttackSpec:
                              if k not in ("label", "defense_options")})
 
 
+def _victims_augmentation(cfg: BenchConfig) -> str | None:
+    """The training augmentation every victim shares (what crafting should follow), or
+    ``None`` (the dataset's default) when they differ."""
+    default = dataset_info(cfg.dataset).augmentation
+    kinds = {v.get("augment") or default for v in cfg.victims}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
 def _victim_run(cfg: BenchConfig, victim: dict[str, Any], attack: dict[str, Any],
                 defense: dict[str, Any], options: dict[str, Any], poisons: str, surrogate: str,
                 root: str | None, seed: int, out: Path) -> RunConfig:
@@ -354,7 +362,8 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
             trials[cell.attack, cell.seed] = craft_poisons(CraftConfig(
                 attack=_attack_spec(attack), checkpoints=surrogates, dataset=cfg.dataset,
                 data_root=root, train_slice=cfg.train_slice, targets=pairs, seed=cell.seed,
-                out=str(out / "poisons" / cell.attack / f"seed{cell.seed}"), progress=False))
+                out=str(out / "poisons" / cell.attack / f"seed{cell.seed}"), progress=False,
+                augmentation=_victims_augmentation(cfg)))
         trial = trials[cell.attack, cell.seed][cell.trial]
         defense = by_label[cell.defense]
         options = dict(defense["options"])

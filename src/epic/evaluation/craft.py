@@ -8,6 +8,7 @@ file. A trial that already has its poison file is skipped, so an interrupted run
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,8 +19,10 @@ from tqdm.auto import tqdm
 
 from .._errors import EpicError
 from .._io import write_json
-from ..attacks import AttackSpec, Target
-from ..data import ImageTensors
+from .._validation import check_choice
+from ..attacks import ATTACKS, AttackSpec, Target
+from ..data import ImageTensors, dataset_info
+from ..data.datasets import AUGMENTATIONS
 from ..models import load_model
 from .run import load_splits
 
@@ -38,6 +41,10 @@ class CraftConfig:
         targets: explicit ``(test index, adversarial class)`` pairs; else ``num_targets``
             random ones drawn with ``seed`` (a test image and a class other than its own).
         formats: poison file formats to write: ``epic`` and/or ``benchmark``.
+        augmentation: the victim's training augmentation (``"crop-flip"``, ``"crop"`` or
+            ``"none"``; ``None``: the dataset's default). An attack that augments while
+            crafting (``augment``, ``flip``) does as the victim does unless its options say
+            otherwise: poisons crafted on crops the victim never sees are weaker.
     """
 
     attack: AttackSpec
@@ -52,13 +59,29 @@ class CraftConfig:
     device: str = "auto"
     out: str = "runs/poisons"
     progress: bool = True
+    augmentation: str | None = None
 
     def __post_init__(self) -> None:
-        self.attack = AttackSpec.parse(self.attack)
+        if self.augmentation is not None:
+            check_choice("augmentation", self.augmentation, AUGMENTATIONS)
+        augmentation = self.augmentation or dataset_info(self.dataset).augmentation
+        self.attack = _crafting_augmentation(AttackSpec.parse(self.attack), augmentation)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for ``targets.json`` (the attack as :meth:`AttackSpec.to_dict`)."""
         return {**copy.deepcopy(self.__dict__), "attack": self.attack.to_dict()}
+
+
+def _crafting_augmentation(spec: AttackSpec, augmentation: str) -> AttackSpec:
+    """``spec`` with the ``augment`` and ``flip`` options it leaves out set to follow
+    ``augmentation`` (for attacks that take them); options given explicitly are kept."""
+    params = inspect.signature(ATTACKS.get(spec.name)).parameters
+    options = dict(spec.options)
+    if "augment" in params:
+        options.setdefault("augment", augmentation != "none")
+    if "flip" in params:
+        options.setdefault("flip", "flip" in augmentation)
+    return spec if options == spec.options else replace(spec, options=options)
 
 
 def choose_targets(test: ImageTensors, count: int, seed: int,
