@@ -172,6 +172,8 @@ def test_crafting_augments_as_the_victim_trains_unless_the_options_say_otherwise
     # a bench whose victims train without augmentation on CIFAR-10
     assert options("gradient-matching", dataset="cifar10", augmentation="none") == {
         "augment": False, "flip": False}
+    # a victim that only flips: the attack cannot flip without cropping, so it does neither
+    assert options("gradient-matching", dataset="cifar10", augmentation="flip")["augment"] is False
     # options given explicitly win; attacks without these options keep theirs
     assert options({"name": "gradient-matching", "options": {"augment": True}},
                    dataset="digits") == {"augment": True, "flip": False}

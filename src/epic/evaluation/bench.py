@@ -352,6 +352,7 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
     attacks = {a["label"]: a for a in cfg.attacks}
     victims = {v["label"]: v for v in cfg.victims}
     trials: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    augmentation = _victims_augmentation(cfg)  # what crafting follows
     bar = tqdm(todo, desc=f"bench {cfg.name}", disable=not progress)
     for cell in bar:
         bar.set_postfix_str(cell.key)
@@ -363,7 +364,7 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
                 attack=_attack_spec(attack), checkpoints=surrogates, dataset=cfg.dataset,
                 data_root=root, train_slice=cfg.train_slice, targets=pairs, seed=cell.seed,
                 out=str(out / "poisons" / cell.attack / f"seed{cell.seed}"), progress=False,
-                augmentation=_victims_augmentation(cfg)))
+                augmentation=augmentation))
         trial = trials[cell.attack, cell.seed][cell.trial]
         defense = by_label[cell.defense]
         options = dict(defense["options"])

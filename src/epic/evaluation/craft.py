@@ -22,8 +22,8 @@ from .._io import write_json
 from .._validation import check_choice
 from ..attacks import ATTACKS, AttackSpec, Target
 from ..data import ImageTensors, dataset_info
-from ..data.datasets import AUGMENTATIONS
 from ..models import load_model
+from ..training import AUGMENTATIONS
 from .run import load_splits
 
 __all__ = ["CraftConfig", "craft_poisons", "choose_targets"]
@@ -41,8 +41,8 @@ class CraftConfig:
         targets: explicit ``(test index, adversarial class)`` pairs; else ``num_targets``
             random ones drawn with ``seed`` (a test image and a class other than its own).
         formats: poison file formats to write: ``epic`` and/or ``benchmark``.
-        augmentation: the victim's training augmentation (``"crop-flip"``, ``"crop"`` or
-            ``"none"``; ``None``: the dataset's default). An attack that augments while
+        augmentation: the victim's training augmentation (a ``TrainConfig.augment`` value;
+            ``None``: the dataset's default). An attack that augments while
             crafting (``augment``, ``flip``) does as the victim does unless its options say
             otherwise: poisons crafted on crops the victim never sees are weaker.
     """
@@ -78,7 +78,7 @@ def _crafting_augmentation(spec: AttackSpec, augmentation: str) -> AttackSpec:
     params = inspect.signature(ATTACKS.get(spec.name)).parameters
     options = dict(spec.options)
     if "augment" in params:
-        options.setdefault("augment", augmentation != "none")
+        options.setdefault("augment", "crop" in augmentation)  # the attack flips only crops
     if "flip" in params:
         options.setdefault("flip", "flip" in augmentation)
     return spec if options == spec.options else replace(spec, options=options)
