@@ -6,7 +6,7 @@
     python benchmarks/train_throughput.py --quick          # 256 images, 4 epochs: a smoke run
     python benchmarks/train_throughput.py --device cuda --amp --model resnet18 --synthetic
     [--model convnet] [--width W] [--train-size N] [--device cpu] [--amp] [--amp-dtype D]
-    [--no-channels-last] [--repeats 1]
+    [--no-channels-last] [--proxy-pass P] [--proxy-precision float32|bfloat16] [--repeats 1]
     [--data-root DIR] [--synthetic] [--out PATH]
 
 Both runs train the same model from the same seed with the library's ``Trainer`` and the paper's
@@ -121,6 +121,8 @@ def train_once(args: argparse.Namespace, defense_name: str, train, test) -> dict
     if defense_name == "epic":
         options = {"subset_fraction": args.fraction, "seed": args.seed,
                    "proxy_pass": args.proxy_pass, **schedule(args)}
+        if args.proxy_precision is not None:  # else the library's default
+            options["proxy_precision"] = args.proxy_precision
     defense = create_defense(defense_name, **options)
     model = build_model(args, train)
     t0 = time.perf_counter()
@@ -172,7 +174,7 @@ def round_breakdown(trainer: Trainer, defense) -> dict[str, float]:
 
     _sync(trainer.device)
     t0 = time.perf_counter()
-    logits, _ = trainer.predict(amp=False)  # as EPIC's rounds: float32 proxies, no autocast
+    logits, _ = trainer.predict(precision=defense.proxy_precision)  # as EPIC's rounds
     _sync(trainer.device)
     t1 = time.perf_counter()
     defense.epic.select(gradient_proxy(logits, trainer.labels), trainer.labels)
@@ -209,6 +211,8 @@ def main() -> None:
     ap.add_argument("--proxy-pass", choices=["separate", "training"], default="separate",
                     help="EPIC's logits: a separate inference pass per round, or the training "
                          "steps' logits of the epoch before it")
+    ap.add_argument("--proxy-precision", choices=["float32", "bfloat16"], default=None,
+                    help="arithmetic of EPIC's proxy pass (default: the library's)")
     ap.add_argument("--warmup", type=int, default=None,
                     help="epochs before EPIC's first round (default: a quarter of --epochs)")
     ap.add_argument("--interval", type=int, default=PAPER_INTERVAL, help="epochs between rounds")

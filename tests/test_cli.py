@@ -71,6 +71,7 @@ def test_list_reads_the_registries(capsys):
     (["train", "--defense", "deep-knn", "--subset-fraction", "0.2"],
      "--subset-fraction is an EPIC option"),
     (["train", "--defense", "deep-knn", "--option", "k"], "KEY=VALUE"),
+    (["train", "--proxy-precision", "half"], "unknown value 'half' for proxy_precision"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     code, out = run_cli(*args, "--out", str(tmp_path / "run"))
@@ -85,14 +86,15 @@ def test_train_writes_config_metrics_and_summary(tmp_path, poison_file, capsys):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--epochs", "3", "--batch-size", "64", "--lr", "0.05", "--warmup", "1",
-              "--interval", "1", "--poisons", str(poison_file), "--out", str(out),
-              "--no-progress"])
+              "--interval", "1", "--proxy-precision", "bfloat16", "--poisons", str(poison_file),
+              "--out", str(out), "--no-progress"])
     assert exit_.value.code == 0
     printed = capsys.readouterr().out
     assert "poisons dropped:" in printed and "attack" in printed
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["train"]["epochs"] == 3 and config["defense"]["name"] == "epic"
-    assert config["defense"]["options"] == {"warmup": 1, "interval": 1}
+    assert config["defense"]["options"] == {"warmup": 1, "interval": 1,
+                                            "proxy_precision": "bfloat16"}
     assert config["train"]["augment"] == "none"  # digits' default, resolved
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2, 3]

@@ -13,6 +13,7 @@ from epic._errors import EpicError
 from epic.data import ImageTensors
 from epic.data.augment import random_crop, random_flip
 from epic.defenses import EpicDefense, create_defense, list_defenses
+from epic.models.features import find_classifier
 from epic.training import TrainConfig, Trainer
 
 FAST = dict(batch_size=64, lr=0.05, augment="none", progress=False)
@@ -207,6 +208,44 @@ def test_training_pass_reuses_the_epochs_logits_and_predicts_only_the_dropped(di
     assert defense._recorded == []  # nothing recorded after the last round
     with pytest.raises(EpicError, match="proxy_pass='training'"):
         create_defense("epic", proxy="last-layer", proxy_pass="training")
+
+
+def test_predict_precision_runs_the_model_in_that_dtype_and_returns_float32(digits):
+    train, _ = digits
+    trainer = Trainer(small_model(), train, config=TrainConfig(epochs=1, **FAST))
+    trainer.fit()
+    seen = []
+    hook = find_classifier(trainer.model).register_forward_hook(
+        lambda m, i, out: seen.append(out.dtype))
+    full, _ = trainer.predict(precision="float32")
+    half, _ = trainer.predict(precision="bfloat16")
+    hook.remove()
+    assert set(seen[:len(seen) // 2]) == {torch.float32}
+    assert set(seen[len(seen) // 2:]) == {torch.bfloat16}
+    assert full.dtype == half.dtype == torch.float32
+    assert torch.allclose(full, half, atol=0.2) and not torch.equal(full, half)
+    with pytest.raises(EpicError, match="precision.*float32"):
+        trainer.predict(precision="float16")
+
+
+def test_epic_proxy_precision_reaches_the_proxy_pass(digits):
+    train, _ = digits
+    defense = create_defense("epic", warmup=1, interval=1, until=2,
+                             proxy_precision="bfloat16")
+    trainer = Trainer(small_model(), train, config=TrainConfig(epochs=3, **FAST),
+                      callbacks=[defense])
+    asked, real = [], trainer.predict
+
+    def spy(indices=None, **kw):
+        asked.append(kw.get("precision"))
+        return real(indices, **kw)
+
+    trainer.predict = spy
+    trainer.fit()
+    assert asked == ["bfloat16", "bfloat16"] and len(defense.rounds) == 2
+    assert create_defense("epic").proxy_precision == "float32"  # the authors' arithmetic
+    with pytest.raises(EpicError, match="proxy_precision"):
+        create_defense("epic-plus", proxy_precision="half")
 
 
 def test_epic_runs_up_to_and_including_the_last_lr_decay(digits):

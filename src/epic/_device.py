@@ -9,7 +9,11 @@ import torch
 
 from ._errors import EpicError
 
-__all__ = ["resolve_device", "seed_everything"]
+__all__ = ["resolve_device", "seed_everything", "PRECISIONS"]
+
+# Explicit inference precisions (Trainer.predict, EPIC's proxy pass); None there means "as the
+# training runs".
+PRECISIONS = ("float32", "bfloat16")
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

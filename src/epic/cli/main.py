@@ -90,6 +90,9 @@ def train(
     proxy_pass: Annotated[str | None, typer.Option(
         help="EPIC: logits from a separate inference pass per round, or from the training "
              "steps of the epoch before it (training).")] = None,
+    proxy_precision: Annotated[str | None, typer.Option(
+        help="EPIC: arithmetic of the proxy pass, float32 or bfloat16 (default float32; "
+             "bfloat16 is about twice as fast on a CPU with AVX512-BF16/AMX or a GPU).")] = None,
     poisons: Annotated[Path | None, typer.Option(
         help="Poison file (.npz) or poisoning-benchmark folder.")] = None,
     eps: Annotated[float | None, typer.Option(
@@ -133,7 +136,7 @@ def train(
     options = _parse_options(option or [])
     epic_flags = {"subset_fraction": subset_fraction, "interval": interval, "warmup": warmup,
                   "until": until, "cluster_threshold": cluster_threshold, "proxy": proxy,
-                  "proxy_pass": proxy_pass}
+                  "proxy_pass": proxy_pass, "proxy_precision": proxy_precision}
     given = {k: v for k, v in epic_flags.items() if v is not None}
     if given and not defense.startswith("epic"):
         from .._errors import EpicError

@@ -16,6 +16,7 @@ import torch
 
 from .. import _distributed as dist
 from .._callback import BatchEnd
+from .._device import PRECISIONS
 from .._errors import EpicError
 from .._validation import check_choice
 from ..selection import EPIC, GradientProxy, SelectionSchedule, gradient_proxy
@@ -50,6 +51,9 @@ class EpicDefense(DropDefense):
             the logits that the training steps of the epoch just before the round computed
             anyway (augmented, train mode, weights moving during the epoch), plus an inference
             pass over the examples not trained on (the dropped ones). Logit proxy only.
+        proxy_precision: the inference pass's arithmetic, ``"float32"`` (default, as the
+            authors) or ``"bfloat16"`` (autocast; about twice as fast on a CPU with native
+            bf16 or on a GPU); the proxies themselves are always formed in float32.
         optimizer: facility-location solver, ``"lazy"``, ``"stochastic"`` or ``"auto"``.
         seed: seed of the stochastic solver.
         record_proxies: keep each round's proxies in :attr:`proxies` (for plots; memory).
@@ -61,12 +65,13 @@ class EpicDefense(DropDefense):
                  warmup: int = 1, interval: int = 1, until: int | None = None,
                  proxy: str = "logits", metric: str = "euclidean", permanent: bool = True,
                  optimizer: str = "auto", seed: int = 0, record_proxies: bool = False,
-                 proxy_pass: str = "separate") -> None:
+                 proxy_pass: str = "separate", proxy_precision: str = "float32") -> None:
         super().__init__()
         self.epic = EPIC(subset_fraction=subset_fraction, cluster_threshold=cluster_threshold,
                          metric=metric, optimizer=optimizer, seed=seed)
         self.proxy = check_choice("proxy", proxy, PROXIES)
         self.proxy_pass = check_choice("proxy_pass", proxy_pass, PROXY_PASSES)
+        self.proxy_precision = check_choice("proxy_precision", proxy_precision, PRECISIONS)
         if self.proxy_pass == "training" and self.proxy != "logits":
             raise EpicError("proxy_pass='training' reuses the training step's logits and has no "
                             "features; use proxy='logits' or proxy_pass='separate'")
@@ -113,11 +118,12 @@ class EpicDefense(DropDefense):
     def _logits(self, trainer: Any, idx: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """The round's logits (and features) of the examples ``idx`` (every example)."""
         if not self._recorded:  # the separate pass, or nothing recorded (right after a resume)
-            return trainer.predict(idx, features=self.proxy == "last-layer", amp=False)
+            return trainer.predict(idx, features=self.proxy == "last-layer",
+                                   precision=self.proxy_precision)
         logits, seen = self._training_logits(trainer)
         missing = (~seen).nonzero().squeeze(1)  # not trained on: dropped
         if len(missing):
-            logits[missing] = trainer.predict(missing.cpu(), amp=False)[0]
+            logits[missing] = trainer.predict(missing.cpu(), precision=self.proxy_precision)[0]
         return logits, None
 
     def _decide(self, trainer: Any, proxies: GradientProxy, labels: torch.Tensor

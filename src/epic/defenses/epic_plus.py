@@ -64,6 +64,7 @@ class EpicPlus(EpicDefense):
             from epoch 1 until the last learning-rate decay, or to the end without one).
         proxy: ``"last-layer"`` (default) or ``"logits"``.
         proxy_pass: ``"separate"`` (default) or ``"training"`` (logit proxy only).
+        proxy_precision: the proxy pass's arithmetic, as for ``epic``.
         seed: unused (the rule is deterministic); accepted so runs can pass their seed.
     """
 
@@ -72,10 +73,12 @@ class EpicPlus(EpicDefense):
     def __init__(self, *, fraction: float = 0.03, score: str = "group", k: int | None = None,
                  patience: int = 3,
                  warmup: int = 1, interval: int = 1, until: int | None = None,
-                 proxy: str = "last-layer", proxy_pass: str = "separate", seed: int = 0,
+                 proxy: str = "last-layer", proxy_pass: str = "separate",
+                 proxy_precision: str = "float32", seed: int = 0,
                  record_proxies: bool = False) -> None:
         super().__init__(warmup=warmup, interval=interval, until=until, proxy=proxy,
-                         proxy_pass=proxy_pass, seed=seed, record_proxies=record_proxies)
+                         proxy_pass=proxy_pass, proxy_precision=proxy_precision, seed=seed,
+                         record_proxies=record_proxies)
         self.fraction = check_fraction("fraction", fraction)
         self.score = check_choice("score", score, SCORES)
         if self.score == "group" and self.proxy != "last-layer":

@@ -35,9 +35,10 @@ from tqdm.auto import tqdm
 
 from .. import _distributed as dist
 from .._callback import BatchEnd, Callback, TrainingParts
-from .._device import resolve_device, seed_everything
+from .._device import PRECISIONS, resolve_device, seed_everything
 from .._errors import EpicError
 from .._io import atomic_write, write_jsonl
+from .._validation import check_choice
 from ..data.augment import augment_batch
 from ..models.features import capture_features, find_classifier
 from .config import AUGMENTATIONS, TrainConfig
@@ -266,8 +267,11 @@ class Trainer:
         return tuple(split.images.shape[1:])
 
     # ----------------------------------------------------------------------------- helpers
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cuda and self.config.amp:
+    def _autocast(self, precision: str | None = None) -> contextlib.AbstractContextManager:
+        """The training's autocast (``precision=None``), or float32 / bfloat16 on request."""
+        if precision == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if precision is None and self.cuda and self.config.amp:
             return torch.autocast("cuda", dtype=getattr(torch, self.config.amp_dtype))
         return contextlib.nullcontext()
 
@@ -336,7 +340,7 @@ class Trainer:
     @torch.no_grad()
     def predict(self, indices: Tensor | None = None, *, images: Tensor | None = None,
                 features: bool = False, layer: str | None = None,
-                amp: bool = True) -> tuple[Tensor, Tensor | None]:
+                precision: str | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits (and penultimate features) in eval mode, without augmentation.
 
         Args:
@@ -344,8 +348,10 @@ class Trainer:
             images: uint8 (N, C, H, W) images to predict instead of training examples.
             features: also return the input of the final linear layer.
             layer: name of that layer if it is not the last ``nn.Linear``.
-            amp: run under the training's autocast (when on); ``False`` computes in float32,
-                as gradient proxies need (bf16 logits round away small differences).
+            precision: ``None`` runs under the training's autocast (when on); ``"float32"``
+                computes in float32 whatever the training does; ``"bfloat16"`` autocasts to
+                bfloat16 on the trainer's device (CPU or CUDA), about twice as fast on a CPU
+                with native bf16 (AVX512-BF16/AMX) and slower on one without.
 
         Returns:
             ``(logits, features)`` as float32 tensors on the trainer's device; features is
@@ -363,10 +369,13 @@ class Trainer:
                 return self.head(feats).float(), (feats if features else None)
         else:
             idx, source = torch.arange(len(images)), images.to(self.device)
-        return self._predict(source, idx, features=features, layer=layer, key="predict", amp=amp)
+        if precision is not None:
+            check_choice("precision", precision, PRECISIONS)
+        return self._predict(source, idx, features=features, layer=layer, key="predict",
+                             precision=precision)
 
     def _predict(self, source: Any, idx: Tensor, *, features: bool, layer: str | None,
-                 key: str, amp: bool = True) -> tuple[Tensor, Tensor | None]:
+                 key: str, precision: str | None = None) -> tuple[Tensor, Tensor | None]:
         """:meth:`predict` of ``source`` (images on the device, or a streamed split) at
         ``idx``; ``key`` names the DataLoader that streams it."""
         batches = list(self._batches(idx, self.eval_batch_size))
@@ -385,7 +394,7 @@ class Trainer:
                     else contextlib.nullcontext() as cap:
                 for pixels in inputs:
                     x = self._to_input(pixels)
-                    with self._autocast() if amp else contextlib.nullcontext():
+                    with self._autocast(precision):
                         logits.append(self.model(x).float())
                     if features:
                         feats.append(cap.features.float())
