@@ -112,6 +112,21 @@ def test_only_isolation_that_persists_drops_and_the_cap_holds():
     assert len(once) == 3 and once <= set(group.tolist())
 
 
+@pytest.mark.parametrize("scenario, given, expected", [
+    ("scratch", None, 3), ("transfer", None, 1), ("finetune", None, 1), ("finetune", 2, 2)])
+def test_patience_defaults_to_3_from_scratch_and_1_from_a_pretrained_model(
+        scenario, given, expected):
+    plus = EpicPlus(fraction=0.03, score="knn", k=5, patience=given)
+    config = SimpleNamespace(scenario=scenario, milestone_epochs=lambda: [6])
+    plus.on_train_start(SimpleNamespace(config=config))
+    assert plus.patience == expected
+    # the rule follows: with patience 1 an example flagged in the first round drops in it
+    x, y, group = planted()
+    if expected == 1:
+        (first,) = rounds(plus, x, y, [[]])
+        assert set(group.tolist()) <= first
+
+
 def test_epic_plus_runs_without_a_decay_to_the_end_and_drops_at_most_its_fraction(digits):
     train, _ = digits
     plus = create_defense("epic-plus", fraction=0.05)

@@ -19,6 +19,9 @@ three things:
   ``patience`` rounds and in at least half of the rounds so far, and never more than
   ``fraction`` of the training set in all (the most often flagged first). Poisons stay
   isolated round after round; most clean examples that a round flags are not flagged again.
+  A model trained from scratch needs that (3 rounds): its first epochs' features are noise. A
+  pretrained one (transfer, fine-tuning) does not (1 round): its features are meaningful from
+  the first round, and waiting lets the poisons act during the high learning rate.
 
 It works with any schedule, constant learning rate included (rounds then run to the end).
 """
@@ -59,7 +62,8 @@ class EpicPlus(EpicDefense):
             of poisons an attack usually plants per target, which are each other's nearest
             neighbours (docs/defenses.md).
         patience: rounds an example must have been flagged in (and in at least half of the
-            rounds so far) before it is dropped (default 3).
+            rounds so far) before it is dropped. ``None`` (default): 3 when the model trains
+            from scratch, 1 when it starts pretrained (``scenario`` transfer or finetune).
         warmup, interval, until: the round schedule, as for ``epic`` (default: every epoch
             from epoch 1 until the last learning-rate decay, or to the end without one).
         proxy: ``"last-layer"`` (default) or ``"logits"``.
@@ -71,7 +75,7 @@ class EpicPlus(EpicDefense):
     name = "epic-plus"
 
     def __init__(self, *, fraction: float = 0.03, score: str = "group", k: int | None = None,
-                 patience: int = 3,
+                 patience: int | None = None,
                  warmup: int = 1, interval: int = 1, until: int | None = None,
                  proxy: str = "last-layer", proxy_pass: str = "separate",
                  proxy_precision: str = "float32", seed: int = 0,
@@ -86,10 +90,17 @@ class EpicPlus(EpicDefense):
                             "proxy='last-layer' or score='knn'")
         self.k = _DEFAULT_K[self.score] if k is None else check_int(
             "k", k, minimum=6 if self.score == "group" else 1)  # group: above its near=5
-        self.patience = check_int("patience", patience, minimum=1)
+        self._patience = None if patience is None else check_int("patience", patience, minimum=1)
+        self.patience = 3 if patience is None else self._patience  # resolved at the start
         self._memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.votes: torch.Tensor | None = None  # rounds each example was flagged in
         self.voted = 0  # rounds so far
+
+    def on_train_start(self, trainer: Any) -> None:
+        super().on_train_start(trainer)
+        if self._patience is None:
+            pretrained = getattr(trainer.config, "scenario", "scratch") != "scratch"
+            self.patience = 1 if pretrained else 3
 
     def _decide(self, trainer: Any, proxies: GradientProxy, labels: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -116,7 +127,7 @@ class EpicPlus(EpicDefense):
                 1 + float(scores.max()))
             ready = ready[order.topk(max(room, 0)).indices]
         drop = torch.cat([out.nonzero().squeeze(1), ready]).sort().values
-        return drop, {"flagged_now": int(flagged.sum())}
+        return drop, {"flagged_now": int(flagged.sum()), "patience": self.patience}
 
     def _group_scores(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """:func:`group_isolation` of the features, reused while they do not change (a frozen
