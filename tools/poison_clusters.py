@@ -55,7 +55,7 @@ class Clusters(Callback):
 
     def measure(self, trainer, epoch: int) -> None:
         members, poison = self.members, self.poison
-        logits, _ = trainer.predict(members, amp=False)
+        logits, _ = trainer.predict(members, precision="float32")
         g = gradient_proxy(logits, trainer.labels.index_select(
             0, members.to(trainer.labels.device))).vectors
         for frac in self.fractions:
