@@ -92,7 +92,7 @@ def train(
              "steps of the epoch before it (training).")] = None,
     proxy_precision: Annotated[str | None, typer.Option(
         help="EPIC: arithmetic of the proxy pass, float32 or bfloat16 (default float32; "
-             "bfloat16 is about twice as fast on a CPU with AVX512-BF16/AMX or a GPU).")] = None,
+             "bfloat16 needs a CPU with AVX512-BF16/AMX or a GPU to be faster).")] = None,
     poisons: Annotated[Path | None, typer.Option(
         help="Poison file (.npz) or poisoning-benchmark folder.")] = None,
     eps: Annotated[float | None, typer.Option(

@@ -52,8 +52,8 @@ class EpicDefense(DropDefense):
             anyway (augmented, train mode, weights moving during the epoch), plus an inference
             pass over the examples not trained on (the dropped ones). Logit proxy only.
         proxy_precision: the inference pass's arithmetic, ``"float32"`` (default, as the
-            authors) or ``"bfloat16"`` (autocast; about twice as fast on a CPU with native
-            bf16 or on a GPU); the proxies themselves are always formed in float32.
+            authors) or ``"bfloat16"`` (autocast; 1.3-1.9x faster on a CPU with AVX512-BF16,
+            slower on one without; GPU unmeasured); the proxies are always formed in float32.
         optimizer: facility-location solver, ``"lazy"``, ``"stochastic"`` or ``"auto"``.
         seed: seed of the stochastic solver.
         record_proxies: keep each round's proxies in :attr:`proxies` (for plots; memory).

@@ -350,8 +350,8 @@ class Trainer:
             layer: name of that layer if it is not the last ``nn.Linear``.
             precision: ``None`` runs under the training's autocast (when on); ``"float32"``
                 computes in float32 whatever the training does; ``"bfloat16"`` autocasts to
-                bfloat16 on the trainer's device (CPU or CUDA), about twice as fast on a CPU
-                with native bf16 (AVX512-BF16/AMX) and slower on one without.
+                bfloat16 on the trainer's device (CPU or CUDA): faster on a CPU with native
+                bf16 (AVX512-BF16/AMX), slower on one without.
 
         Returns:
             ``(logits, features)`` as float32 tensors on the trainer's device; features is
