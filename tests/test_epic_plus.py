@@ -117,7 +117,7 @@ def test_only_isolation_that_persists_drops_and_the_cap_holds():
 def test_patience_defaults_to_3_from_scratch_and_1_from_a_pretrained_model(
         scenario, given, expected):
     plus = EpicPlus(fraction=0.03, score="knn", k=5, patience=given)
-    config = SimpleNamespace(scenario=scenario, milestone_epochs=lambda: [6])
+    config = TrainConfig(scenario=scenario, epochs=8)
     plus.on_train_start(SimpleNamespace(config=config))
     assert plus.patience == expected
     # the rule follows: with patience 1 an example flagged in the first round drops in it

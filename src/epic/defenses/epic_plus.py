@@ -99,8 +99,7 @@ class EpicPlus(EpicDefense):
     def on_train_start(self, trainer: Any) -> None:
         super().on_train_start(trainer)
         if self._patience is None:
-            pretrained = getattr(trainer.config, "scenario", "scratch") != "scratch"
-            self.patience = 1 if pretrained else 3
+            self.patience = 1 if trainer.config.pretrained else 3
 
     def _decide(self, trainer: Any, proxies: GradientProxy, labels: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, Any]]:

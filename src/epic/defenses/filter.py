@@ -75,7 +75,7 @@ class FilterDefense(DropDefense):
     def on_train_start(self, trainer: Any) -> None:
         if self.epoch is not None:
             self.at = self.epoch
-        elif trainer.config.scenario != "scratch":
+        elif trainer.config.pretrained:
             self.at = 0
         else:
             decays = trainer.config.milestone_epochs()

@@ -176,7 +176,7 @@ class FriendlyNoise(DefenseCallback):
         cfg = trainer.config
         if self.epoch is not None:
             self.at = self.epoch
-        elif cfg.scenario != "scratch":
+        elif cfg.pretrained:
             self.at = 0
         else:
             decays = cfg.milestone_epochs()

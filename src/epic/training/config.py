@@ -110,6 +110,12 @@ class TrainConfig:
                             f"{list(self.milestones)}")
         object.__setattr__(self, "milestones", tuple(sorted(self.milestones)))
 
+    @property
+    def pretrained(self) -> bool:
+        """Training starts from a pretrained model (transfer or fine-tuning): defenses can
+        trust its features from the first epoch."""
+        return self.scenario != "scratch"
+
     def milestone_epochs(self) -> list[int]:
         """Epochs at whose start the learning rate decays (distinct, within the run)."""
         return sorted({min(self.epochs - 1, max(1, round(m * self.epochs)))

@@ -361,6 +361,8 @@ class Trainer:
         (each example sees the same batch as in one process) and the results are gathered in
         the input's order, so every rank gets the full result; every rank must call it.
         """
+        if precision is not None:  # checked before the transfer shortcut, which ignores it
+            check_choice("precision", precision, PRECISIONS)
         if images is None:
             idx = (torch.arange(len(self.labels)) if indices is None else indices.cpu())
             source: Any = self.images if self.stream is None else self.stream
@@ -369,8 +371,6 @@ class Trainer:
                 return self.head(feats).float(), (feats if features else None)
         else:
             idx, source = torch.arange(len(images)), images.to(self.device)
-        if precision is not None:
-            check_choice("precision", precision, PRECISIONS)
         return self._predict(source, idx, features=features, layer=layer, key="predict",
                              precision=precision)
 
