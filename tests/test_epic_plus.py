@@ -61,6 +61,24 @@ def test_group_isolation_ranks_a_tight_far_group_and_a_point_among_another_class
         group_isolation(x, y, k=1)
 
 
+def test_group_isolation_spread_lifts_an_example_to_its_neighbours_median_score():
+    g = torch.Generator().manual_seed(1)
+    x, y, group = planted(group=8)
+    x[group[:3]] = torch.randn(3, 6, generator=g) * 0.4 + 12  # looser members of the group
+    base = group_isolation(x, y, k=20, near=5)
+    s = group_isolation(x, y, k=20, near=5, spread=4, block=11)
+    for i in (0, 5, 150, *group.tolist()):  # by hand: the 4 nearest of the same class
+        same = ((y == y[i]) & (torch.arange(len(y)) != i)).nonzero().squeeze(1)
+        nearest = same[(x[same] - x[i]).norm(dim=1).argsort()[:4]]
+        expected = max(float(base[i]), float(base[nearest].median()))
+        assert float(s[i]) == pytest.approx(expected, abs=1e-6), i
+    assert bool((s >= base).all()) and set(s.topk(8).indices.tolist()) == set(group.tolist())
+    with pytest.raises(EpicError, match="spread must be <= k"):
+        group_isolation(x, y, k=20, spread=21)
+    with pytest.raises(EpicError, match="spread applies to score='group'"):
+        EpicPlus(score="knn", spread=3)
+
+
 def test_epic_plus_group_score_drops_the_feature_space_group_not_the_gradient_outlier():
     x, y, group = planted(group=6)
     # logit gradients: the group looks ordinary, one clean point (7) is the gradient outlier

@@ -5,7 +5,8 @@ features of the poisoned training set with the bench's surrogate (the frozen ext
 every example by how isolated it is within its labelled class, and counts the poisons among the
 top ``--top`` share of the scores. A defense that drops that share can at best catch that many.
 
-    python tools/feature_isolation.py --bench runs/bench/cpu-cifar10-transfer [--top 0.03]
+    python tools/feature_isolation.py --bench runs/bench/cpu-cifar10-transfer [--top 0.03] \
+        [--k 10 30 50]
 
 Scores (Euclidean distances between features; ``d_k`` is the distance to the k-th nearest
 example of the same label, ``a_k`` to the k-th nearest of any label):
@@ -33,15 +34,16 @@ from epic.selection import group_isolation  # noqa: E402
 KS = (10, 30, 50)
 
 
-def scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every isolation score of the module docstring, one value per example."""
+def scores(features: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = KS
+           ) -> dict[str, torch.Tensor]:
+    """Every isolation score of the module docstring for every ``k`` of ``ks``."""
     d = torch.cdist(features, features).fill_diagonal_(float("inf"))
     same = labels[:, None] == labels[None, :]
-    kmax = max(KS)
+    kmax = max(ks)
     own = d.masked_fill(~same, float("inf")).topk(kmax, largest=False).values
     near, idx = d.topk(kmax, largest=False)
     out = {}
-    for k in KS:
+    for k in ks:
         out[f"iso{k}"] = own[:, k - 1]
         out[f"ratio{k}"] = own[:, k - 1] / near[:, k - 1]
         out[f"drop5-{k}"] = own[:, k - 1] / own[:, 4]
@@ -55,6 +57,8 @@ def main() -> None:
     parser.add_argument("--bench", required=True, help="an epic bench folder (transfer config)")
     parser.add_argument("--top", type=float, default=0.03, help="share of examples flagged")
     parser.add_argument("--seed", type=int, default=0, help="the bench seed")
+    parser.add_argument("--k", type=int, nargs="+", default=list(KS),
+                        help=f"the far neighbours scored (default {' '.join(map(str, KS))})")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -67,7 +71,7 @@ def main() -> None:
             feats = torch.cat([forward_with_features(bench.surrogate, x.float() / 255)[1]
                                for x in poisoned.images.split(500)])
         flagged = int(round(args.top * len(feats)))
-        for name, score in scores(feats, poisoned.labels).items():
+        for name, score in scores(feats, poisoned.labels, tuple(args.k)).items():
             top = score.topk(flagged).indices
             counts.setdefault(name, []).append(int(is_poison[top].sum()))
     poisons = int(is_poison.sum())

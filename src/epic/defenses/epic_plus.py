@@ -61,6 +61,10 @@ class EpicPlus(EpicDefense):
         k: the far neighbour (default 30 for ``"group"``, 50 for ``"knn"``): above the number
             of poisons an attack usually plants per target, which are each other's nearest
             neighbours (docs/defenses.md).
+        spread: with ``score="group"``, an example also takes the median score of its
+            ``spread`` nearest same-class examples when higher (0, the default: off). A
+            target's poisons are one group, so the ones the ratios miss sit among the ones
+            they catch (:func:`~epic.selection.group_isolation`).
         patience: rounds an example must have been flagged in (and in at least half of the
             rounds so far) before it is dropped. ``None`` (default): 3 when the model trains
             from scratch, 1 when it starts pretrained (``scenario`` transfer or finetune).
@@ -75,7 +79,7 @@ class EpicPlus(EpicDefense):
     name = "epic-plus"
 
     def __init__(self, *, fraction: float = 0.03, score: str = "group", k: int | None = None,
-                 patience: int | None = None,
+                 spread: int = 0, patience: int | None = None,
                  warmup: int = 1, interval: int = 1, until: int | None = None,
                  proxy: str = "last-layer", proxy_pass: str = "separate",
                  proxy_precision: str = "float32", seed: int = 0,
@@ -90,6 +94,11 @@ class EpicPlus(EpicDefense):
                             "proxy='last-layer' or score='knn'")
         self.k = _DEFAULT_K[self.score] if k is None else check_int(
             "k", k, minimum=6 if self.score == "group" else 1)  # group: above its near=5
+        self.spread = check_int("spread", spread, minimum=0)
+        if self.spread and self.score != "group":
+            raise EpicError("spread applies to score='group'; pass spread=0 with score='knn'")
+        if self.spread > self.k:
+            raise EpicError(f"spread must be <= k ({self.k}), got {self.spread}")
         self._patience = None if patience is None else check_int("patience", patience, minimum=1)
         self.patience = 3 if patience is None else self._patience  # resolved at the start
         self._memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -135,7 +144,7 @@ class EpicPlus(EpicDefense):
             feats, labs, scores = self._memo
             if torch.equal(feats, features) and torch.equal(labs, labels):  # False on shapes
                 return scores
-        scores = group_isolation(features, labels, k=self.k).cpu()
+        scores = group_isolation(features, labels, k=self.k, spread=self.spread).cpu()
         self._memo = (features, labels, scores)
         return scores
 

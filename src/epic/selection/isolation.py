@@ -65,7 +65,7 @@ def knn_isolation(proxies: Tensor | GradientProxy, labels: Tensor, *, k: int = 1
 
 
 def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 5,
-                    block: int = 1024) -> Tensor:
+                    spread: int = 0, block: int = 1024) -> Tensor:
     """(N,) how much each example sits in a small group apart from its class, in [0, 1].
 
     Two ratios of neighbour distances, each ranked over all examples (so they share a scale):
@@ -82,6 +82,10 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
         k: the far neighbour (capped at the class size minus one); above the number of
             poisons an attack plants per target.
         near: the near neighbour, 1 <= near < k (capped like ``k``).
+        spread: when > 0, an example also takes the median score of its ``spread`` nearest
+            same-class examples if that is higher (``spread <= k``): the poisons of one
+            target are one group, so one the ratios miss is surrounded by ones they catch,
+            while an isolated clean example's neighbours score low.
         block: rows of the (block, N) distance block held at once.
 
     Returns:
@@ -96,6 +100,9 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
     check_int("near", near, minimum=1)
     if near >= k:
         raise EpicError(f"near must be < k ({k}), got {near}")
+    check_int("spread", spread, minimum=0)
+    if spread > k:
+        raise EpicError(f"spread must be <= k ({k}), got {spread}")
     labels = check_labels(labels, n, None).to(points.device)
     x = points.float()
     sizes = torch.bincount(labels)[labels]  # (N,) size of each example's class
@@ -105,14 +112,16 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
     if top < 1:
         return torch.zeros(n, device=points.device)
     sq = x.pow(2).sum(1)
-    own, anyc = [], []
+    own, own_idx, anyc = [], [], []
     for lo in range(0, n, block):
         rows = torch.arange(lo, min(lo + block, n), device=points.device)
         d = pairwise_distances(x[rows], x, a_sq=sq[rows], b_sq=sq)
         d[torch.arange(len(rows), device=d.device), rows] = float("inf")  # not itself
         anyc.append(d.topk(top, dim=1, largest=False).values)
         d.masked_fill_(labels[rows, None] != labels[None, :], float("inf"))
-        own.append(d.topk(top, dim=1, largest=False).values)
+        near_own = d.topk(top, dim=1, largest=False)
+        own.append(near_own.values)
+        own_idx.append(near_own.indices[:, :spread])
     own_t, any_t = torch.cat(own), torch.cat(anyc)
     alone = kk < 1
     at = lambda t, j: t.gather(1, (j - 1).clamp(min=0)[:, None]).squeeze(1)  # noqa: E731
@@ -120,8 +129,14 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
     tiny = torch.finfo(torch.float32).tiny
     group = dk / dn.clamp(min=tiny)
     foreign = dk / ak.clamp(min=tiny)
-    score = torch.maximum(_percentile(group), _percentile(foreign))
-    return score.masked_fill_(alone, 0.0)
+    score = torch.maximum(_percentile(group), _percentile(foreign)).masked_fill_(alone, 0.0)
+    if spread:
+        nbr = torch.cat(own_idx)  # (N, spread); past the class size the entries are others
+        valid = torch.arange(nbr.shape[1], device=nbr.device)[None, :] < kk.clamp(
+            max=spread)[:, None]
+        around = score[nbr].masked_fill(~valid, float("nan")).nanmedian(1).values
+        score = torch.maximum(score, around.nan_to_num(0.0))
+    return score
 
 
 def _percentile(x: Tensor) -> Tensor:
