@@ -61,6 +61,8 @@ def main() -> None:
                         help=f"the far neighbours scored (default {' '.join(map(str, KS))})")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if min(args.k) < 6:
+        parser.error("--k values must be >= 6: the scores compare with the 5th neighbour")
     torch.set_num_threads(1)
     bench = open_bench(args.bench, args.seed)
     counts: dict[str, list[int]] = {}
