@@ -324,7 +324,7 @@ def _victim_run(cfg: BenchConfig, victim: dict[str, Any], attack: dict[str, Any]
                      width=victim.get("width"),
                      defense=DefenseSpec(defense["name"], {**extra, **options}),
                      poisons=poisons, train_slice=cfg.train_slice,
-                     checkpoint=surrogate if train.scenario != "scratch" else None,
+                     checkpoint=surrogate if train.pretrained else None,
                      train_size=victim.get("train_size"), out=str(out), train=train)
 
 

@@ -288,7 +288,7 @@ def execute_run(cfg: RunConfig, *,
     dist.init_from_env()  # under torchrun; nothing in a single process
     main = dist.is_main()
     train_cfg = _resolved_train_config(cfg)
-    if train_cfg.scenario != "scratch" and cfg.checkpoint is None:
+    if train_cfg.pretrained and cfg.checkpoint is None:
         raise EpicError(f"scenario '{train_cfg.scenario}' starts from a pretrained model; pass "
                         "--checkpoint (a file from `epic pretrain`)")
     out = Path(cfg.out)

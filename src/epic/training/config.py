@@ -112,8 +112,8 @@ class TrainConfig:
 
     @property
     def pretrained(self) -> bool:
-        """Training starts from a pretrained model (transfer or fine-tuning): defenses can
-        trust its features from the first epoch."""
+        """Training starts from a pretrained model (transfer or fine-tuning): the run needs a
+        checkpoint, and defenses can trust its features from the first epoch."""
         return self.scenario != "scratch"
 
     def milestone_epochs(self) -> list[int]:
