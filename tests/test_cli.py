@@ -96,6 +96,9 @@ def test_train_writes_config_metrics_and_summary(tmp_path, poison_file, capsys):
     assert config["defense"]["options"] == {"warmup": 1, "interval": 1,
                                             "proxy_precision": "bfloat16"}
     assert config["train"]["augment"] == "none"  # digits' default, resolved
+    # what "auto" and None became here, kept apart from the options (a resume may move device)
+    assert config["train"]["device"] == "auto" and config["train"]["eval_batch_size"] is None
+    assert config["runtime"] == {"device": "cpu", "eval_batch_size": 128, "world_size": 1}
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2, 3]
     assert any(e["event"] == "selection" and "poisons_dropped" in e for e in events)

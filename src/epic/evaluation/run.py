@@ -105,9 +105,11 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
         """Rebuild from :meth:`to_dict`'s data or a run's ``config.yaml`` (its ``versions``
-        are ignored; a file written before :class:`DefenseSpec` existed is read too)."""
+        and ``runtime`` are ignored; a file written before :class:`DefenseSpec` existed is
+        read too)."""
         data = _upgraded(data)
         data.pop("versions", None)
+        data.pop("runtime", None)
         known = sorted(f.name for f in fields(cls))
         unknown = sorted(str(k) for k in data if k not in known)
         if unknown:
@@ -217,7 +219,9 @@ def _check_resumable(out: Path, resolved: dict[str, Any]) -> None:
     with open(saved) as f:
         previous = _upgraded(yaml.safe_load(f) or {})
     previous.pop("versions", None)
-    current = json.loads(json.dumps({k: v for k, v in resolved.items() if k != "versions"}))
+    previous.pop("runtime", None)  # a run may resume on another device
+    current = json.loads(json.dumps({k: v for k, v in resolved.items()
+                                     if k not in ("versions", "runtime")}))
     if previous != current:
         raise EpicError(f"{out} holds a run with a different config; use a new --out or "
                         "delete that folder to start over")
@@ -309,12 +313,14 @@ def execute_run(cfg: RunConfig, *,
     seed_everything(train_cfg.seed)  # the model's initialisation is part of the run's seed
     model = build_model(cfg, train)
     spec = model_spec(cfg, train)
-    if main:
-        write_yaml(out / "config.yaml", resolved)
-
     trainer = Trainer(model, train, config=train_cfg, test=test,
                       target=None if poisons is None else poisons.target_image,
                       poison_mask=data["poison_mask"], callbacks=[defense], out_dir=out)
+    if main:  # what "auto" and None became on this machine (not compared on a resume)
+        resolved["runtime"] = {"device": trainer.device.type,
+                               "eval_batch_size": trainer.eval_batch_size,
+                               "world_size": trainer.world}
+        write_yaml(out / "config.yaml", resolved)
     if not resume and main:
         (out / "checkpoint.pt").unlink(missing_ok=True)
 
