@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, print_table, save  # noqa: E402
 from epic.data import ImageTensors, dataset_info, load_split  # noqa: E402
 from epic.defenses import create_defense  # noqa: E402
+from epic.defenses.epic import PROXY_PASSES  # noqa: E402
 from epic.evaluation import RunConfig  # noqa: E402
 from epic.evaluation import build_model as run_model  # noqa: E402
 from epic.evaluation.bench import default_data_root  # noqa: E402
@@ -208,9 +209,10 @@ def main() -> None:
                     help="batch size of EPIC's proxy pass (default: the library's, 128 on CPU, "
                          "512 on CUDA)")
     ap.add_argument("--fraction", type=float, default=0.1, help="EPIC subset_fraction")
-    ap.add_argument("--proxy-pass", choices=["separate", "training"], default="separate",
-                    help="EPIC's logits: a separate inference pass per round, or the training "
-                         "steps' logits of the epoch before it")
+    ap.add_argument("--proxy-pass", choices=list(PROXY_PASSES), default="separate",
+                    help="EPIC's logits: a separate inference pass per round, the training "
+                         "steps' logits of the epoch before it, or their features through "
+                         "the current head")
     ap.add_argument("--proxy-precision", choices=["float32", "bfloat16"], default=None,
                     help="arithmetic of EPIC's proxy pass (default: the library's)")
     ap.add_argument("--warmup", type=int, default=None,

@@ -145,6 +145,19 @@ def test_patience_defaults_to_3_from_scratch_and_1_from_a_pretrained_model(
         assert set(group.tolist()) <= first
 
 
+@pytest.mark.parametrize("scenario, given, expected", [
+    ("scratch", None, "separate"), ("transfer", None, "training-features"),
+    ("finetune", None, "training-features"), ("finetune", "separate", "separate"),
+    ("scratch", "training-features", "training-features")])
+def test_proxy_pass_defaults_to_the_training_steps_features_for_a_pretrained_model(
+        scenario, given, expected):
+    plus = EpicPlus(proxy_pass=given)
+    plus.on_train_start(SimpleNamespace(config=TrainConfig(scenario=scenario, epochs=8)))
+    assert plus.proxy_pass == expected
+    with pytest.raises(EpicError, match="proxy_pass"):
+        EpicPlus(proxy_pass="features")
+
+
 def test_epic_plus_runs_without_a_decay_to_the_end_and_drops_at_most_its_fraction(digits):
     train, _ = digits
     plus = create_defense("epic-plus", fraction=0.05)

@@ -157,7 +157,7 @@ def test_resume_reproduces_an_uninterrupted_run(digits, tmp_path):
     assert no_time(resumed.callbacks[0].rounds) == no_time(straight.callbacks[0].rounds)
 
 
-@pytest.mark.parametrize("proxy_pass", ["separate", "training"])
+@pytest.mark.parametrize("proxy_pass", ["separate", "training", "training-features"])
 def test_epic_callback_drops_isolated_mislabelled_examples_far_above_chance(digits, proxy_pass):
     train, test = digits
     g = torch.Generator().manual_seed(0)
@@ -208,6 +208,47 @@ def test_training_pass_reuses_the_epochs_logits_and_predicts_only_the_dropped(di
     assert defense._recorded == []  # nothing recorded after the last round
     with pytest.raises(EpicError, match="proxy_pass='training'"):
         create_defense("epic", proxy="last-layer", proxy_pass="training")
+
+
+@pytest.mark.parametrize("proxy", ["logits", "last-layer"])
+def test_training_features_pass_equals_the_separate_pass_with_a_frozen_extractor(digits, proxy):
+    """proxy_pass='training-features' puts the features the training steps saw through the
+    head as it is at the round: with a frozen extractor and no augmentation those are the
+    separate pass's proxies, row for row, also for the examples dropped (predicted)."""
+    train, _ = digits
+    cfg = TrainConfig(epochs=5, scenario="transfer", **{**FAST, "lr": 0.5})
+    runs = {}
+    for proxy_pass in ("separate", "training-features"):
+        defense = create_defense("epic", subset_fraction=0.3, warmup=1, interval=1, until=4,
+                                 proxy=proxy, proxy_pass=proxy_pass, record_proxies=True)
+        Trainer(small_model(), train, config=cfg, callbacks=[defense]).fit()
+        runs[proxy_pass] = defense.proxies
+    assert len(runs["separate"]) == 4 and runs["separate"][-1]["keep"].sum() < len(train) - 20
+    for a, b in zip(runs["separate"], runs["training-features"], strict=True):
+        torch.testing.assert_close(a["vectors"], b["vectors"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(a["keep"], b["keep"])
+
+
+def test_training_features_pass_predicts_only_the_dropped_and_unhooks(digits):
+    train, _ = digits
+    defense = create_defense("epic", subset_fraction=0.3, warmup=1, interval=1, until=3,
+                             proxy="last-layer", proxy_pass="training-features")
+    trainer = Trainer(small_model(), train, config=TrainConfig(epochs=5, **FAST),
+                      callbacks=[defense])
+    calls, real = [], trainer.predict
+
+    def counting(indices=None, **kw):
+        calls.append((len(train.labels) if indices is None else len(indices),
+                      kw.get("features")))
+        return real(indices, **kw)
+
+    trainer.predict = counting
+    trainer.fit()
+    rounds = [e for e in trainer.events if e["event"] == "selection"]
+    assert len(rounds) == 3 and rounds[-1]["dropped_total"] > 0
+    dropped_before = [0] + [len(train) - r["kept"] for r in rounds[:-1]]
+    assert calls == [(d, True) for d in dropped_before if d]
+    assert defense._hook is None and not find_classifier(trainer.model)._forward_hooks
 
 
 def test_predict_precision_runs_the_model_in_that_dtype_and_returns_float32(digits):

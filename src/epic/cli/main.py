@@ -88,8 +88,10 @@ def train(
     proxy: Annotated[str | None, typer.Option(
         help="EPIC gradient proxy: logits or last-layer (default logits).")] = None,
     proxy_pass: Annotated[str | None, typer.Option(
-        help="EPIC: logits from a separate inference pass per round, or from the training "
-             "steps of the epoch before it (training).")] = None,
+        help="EPIC: logits from an inference pass per round (separate), from the training "
+             "steps of the epoch before it (training), or those steps' features through the "
+             "current head (training-features). Default separate; epic-plus uses "
+             "training-features for a pretrained model.")] = None,
     proxy_precision: Annotated[str | None, typer.Option(
         help="EPIC: arithmetic of the proxy pass, float32 or bfloat16 (default float32; "
              "bfloat16 needs a CPU with AVX512-BF16/AMX or a GPU to be faster).")] = None,

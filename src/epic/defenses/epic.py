@@ -19,13 +19,14 @@ from .._callback import BatchEnd
 from .._device import PRECISIONS
 from .._errors import EpicError
 from .._validation import check_choice
+from ..models.features import FeatureCapture, find_classifier
 from ..selection import EPIC, GradientProxy, SelectionSchedule, gradient_proxy
 from .base import DropDefense, register_defense
 
 __all__ = ["EpicDefense", "PROXIES", "PROXY_PASSES"]
 
 PROXIES = ("logits", "last-layer")
-PROXY_PASSES = ("separate", "training")
+PROXY_PASSES = ("separate", "training", "training-features")
 
 
 @register_defense("epic")
@@ -51,6 +52,11 @@ class EpicDefense(DropDefense):
             the logits that the training steps of the epoch just before the round computed
             anyway (augmented, train mode, weights moving during the epoch), plus an inference
             pass over the examples not trained on (the dropped ones). Logit proxy only.
+            ``"training-features"``: the penultimate features those training steps computed,
+            put through the classifier layer as it is at the round (the head's moves within
+            the epoch cancel; the trunk's remain), plus the same pass over the dropped ones;
+            either proxy. With a frozen extractor (transfer) these are the separate pass's
+            proxies at no pass at all.
         proxy_precision: the inference pass's arithmetic, ``"float32"`` (default, as the
             authors) or ``"bfloat16"`` (autocast; 1.3-1.9x faster on a CPU with AVX512-BF16,
             slower on one without; GPU unmeasured); the proxies are always formed in float32.
@@ -80,9 +86,11 @@ class EpicDefense(DropDefense):
         self.schedule = SelectionSchedule(warmup=warmup, interval=interval, until=until)
         self.record_proxies = record_proxies
         self.proxies: list[dict[str, torch.Tensor]] = []
-        # proxy_pass="training": this process's (indices, logits) of the epoch before a round
-        # (recorded only then, and cleared at every epoch's start after the round used them)
+        # proxy_pass="training*": this process's (indices, logits or features) of the epoch
+        # before a round (recorded only then, cleared at every epoch's start after the round)
         self._recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._hook: Any = None  # "training-features": the classifier's forward hook
+        self._capture: FeatureCapture | None = None
 
     def on_train_start(self, trainer: Any) -> None:
         if self._until is None:
@@ -91,18 +99,40 @@ class EpicDefense(DropDefense):
                                               until=decays[-1] if decays else None)
 
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+        self._unhook()
         if self.schedule.is_selection_epoch(epoch):
             self._select(trainer, epoch)
         self._recorded = []
+        if (self.proxy_pass == "training-features"
+                and self.schedule.is_selection_epoch(epoch + 1)):  # record this epoch's
+            capture = self._capture = FeatureCapture(find_classifier(trainer.model))
+
+            def hook(module: Any, args: tuple[torch.Tensor, ...], output: Any) -> None:
+                capture.features = args[0].detach()
+
+            self._hook = capture.layer.register_forward_hook(hook)
+
+    def on_train_end(self, trainer: Any) -> None:
+        self._unhook()
+
+    def _unhook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = self._capture = None
 
     def on_batch_end(self, trainer: Any, batch: BatchEnd) -> None:
-        if self.proxy_pass == "training" and self.schedule.is_selection_epoch(batch.epoch + 1):
+        if not self.schedule.is_selection_epoch(batch.epoch + 1):
+            return
+        if self.proxy_pass == "training":
             self._recorded.append((batch.indices, batch.logits))  # they feed the next round
+        elif self._capture is not None and self._capture.features is not None:
+            self._recorded.append((batch.indices, self._capture.features.float()))
+            self._capture.features = None
 
-    def _training_logits(self, trainer: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, K) logits the training steps of the epoch before the round computed, every
-        process's, and the (N,) mask of the examples that were trained on (the others are
-        zeros)."""
+    def _training_rows(self, trainer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, K) logits (or (N, D) features) the training steps of the epoch before the round
+        computed, every process's, and the (N,) mask of the examples that were trained on
+        (the others are zeros)."""
         idx = [i for i, _ in self._recorded]
         rows = [z for _, z in self._recorded]
         k = rows[0].shape[1]
@@ -120,11 +150,21 @@ class EpicDefense(DropDefense):
         if not self._recorded:  # the separate pass, or nothing recorded (right after a resume)
             return trainer.predict(idx, features=self.proxy == "last-layer",
                                    precision=self.proxy_precision)
-        logits, seen = self._training_logits(trainer)
+        rows, seen = self._training_rows(trainer)
         missing = (~seen).nonzero().squeeze(1)  # not trained on: dropped
+        if self.proxy_pass == "training":
+            if len(missing):
+                rows[missing] = trainer.predict(missing.cpu(),
+                                                precision=self.proxy_precision)[0]
+            return rows, None
         if len(missing):
-            logits[missing] = trainer.predict(missing.cpu(), precision=self.proxy_precision)[0]
-        return logits, None
+            rows[missing] = trainer.predict(missing.cpu(), features=True,
+                                            precision=self.proxy_precision)[1]
+        layer = find_classifier(trainer.model)
+        with torch.no_grad():  # the head as it is now, in float32
+            logits = torch.nn.functional.linear(rows, layer.weight.float(),
+                                                None if layer.bias is None else layer.bias.float())
+        return logits, (rows if self.proxy == "last-layer" else None)
 
     def _decide(self, trainer: Any, proxies: GradientProxy, labels: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, Any]]:

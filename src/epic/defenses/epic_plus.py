@@ -71,7 +71,12 @@ class EpicPlus(EpicDefense):
         warmup, interval, until: the round schedule, as for ``epic`` (default: every epoch
             from epoch 1 until the last learning-rate decay, or to the end without one).
         proxy: ``"last-layer"`` (default) or ``"logits"``.
-        proxy_pass: ``"separate"`` (default) or ``"training"`` (logit proxy only).
+        proxy_pass: ``"separate"``, ``"training"`` (logit proxy only) or
+            ``"training-features"``, as for ``epic``. ``None`` (default):
+            ``"training-features"`` when the model starts pretrained (the same targets
+            stopped as the separate pass on 60 fine-tuning targets, at almost no extra time;
+            identical proxies with a frozen extractor), ``"separate"`` from scratch (where the
+            training steps' features stopped fewer hits). docs/defenses.md.
         proxy_precision: the proxy pass's arithmetic, as for ``epic``.
         seed: unused (the rule is deterministic); accepted so runs can pass their seed.
     """
@@ -81,11 +86,12 @@ class EpicPlus(EpicDefense):
     def __init__(self, *, fraction: float = 0.03, score: str = "group", k: int | None = None,
                  spread: int = 0, patience: int | None = None,
                  warmup: int = 1, interval: int = 1, until: int | None = None,
-                 proxy: str = "last-layer", proxy_pass: str = "separate",
+                 proxy: str = "last-layer", proxy_pass: str | None = None,
                  proxy_precision: str = "float32", seed: int = 0,
                  record_proxies: bool = False) -> None:
         super().__init__(warmup=warmup, interval=interval, until=until, proxy=proxy,
-                         proxy_pass=proxy_pass, proxy_precision=proxy_precision, seed=seed,
+                         proxy_pass=proxy_pass or "separate",
+                         proxy_precision=proxy_precision, seed=seed,
                          record_proxies=record_proxies)
         self.fraction = check_fraction("fraction", fraction)
         self.score = check_choice("score", score, SCORES)
@@ -99,6 +105,7 @@ class EpicPlus(EpicDefense):
             raise EpicError("spread applies to score='group'; pass spread=0 with score='knn'")
         if self.spread > self.k:
             raise EpicError(f"spread must be <= k ({self.k}), got {self.spread}")
+        self._proxy_pass = proxy_pass  # None: resolved at the start, as patience
         self._patience = None if patience is None else check_int("patience", patience, minimum=1)
         self.patience = 3 if patience is None else self._patience  # resolved at the start
         self._memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -109,6 +116,8 @@ class EpicPlus(EpicDefense):
         super().on_train_start(trainer)
         if self._patience is None:
             self.patience = 1 if trainer.config.pretrained else 3
+        if self._proxy_pass is None:
+            self.proxy_pass = "training-features" if trainer.config.pretrained else "separate"
 
     def _decide(self, trainer: Any, proxies: GradientProxy, labels: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -135,7 +144,8 @@ class EpicPlus(EpicDefense):
                 1 + float(scores.max()))
             ready = ready[order.topk(max(room, 0)).indices]
         drop = torch.cat([out.nonzero().squeeze(1), ready]).sort().values
-        return drop, {"flagged_now": int(flagged.sum()), "patience": self.patience}
+        return drop, {"flagged_now": int(flagged.sum()), "patience": self.patience,
+                      "proxy_pass": self.proxy_pass}
 
     def _group_scores(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """:func:`group_isolation` of the features, reused while they do not change (a frozen
