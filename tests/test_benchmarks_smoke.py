@@ -118,6 +118,33 @@ def test_proxy_pass_config_runs_both_passes(proxy_pass_bench):
 
 
 @pytest.mark.slow
+def test_round_flags_reruns_an_epic_plus_cell_and_counts_each_rounds_flags(proxy_pass_bench,
+                                                                          tmp_path):
+    """A bench folder whose one row runs epic-plus (the stored EPIC row with its defense
+    swapped); the tool re-runs it and splits each round's top 3% into poisons and clean."""
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (row,) = [r for r in read_results(proxy_pass_bench) if r["defense"] == "epic-0.1-separate"]
+    row["config"]["defense"] = {"name": "epic-plus", "options": {}}
+    row["defense"] = "epic-plus"
+    (bench / "results.jsonl").write_text(json.dumps(row) + "\n")
+    data = run_script("tools/round_flags.py", tmp_path, "--bench", str(bench))
+    (trial,) = data["trials"]
+    n = len(trial["rounds"])
+    assert n == trial["rerun"]["defense_summary"]["rounds"] >= 3
+    for r in trial["rounds"]:
+        flagged = sum(v for k, v in r.items() if "flagged" in k)
+        assert flagged == int(0.03 * 1347)  # digits' training split, top 3% each round
+        assert r["poisons_flagged_dropped"] <= r["poisons_dropped_before"] <= 13
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/round_flags.py"), "--bench",
+                           str(proxy_pass_bench), "--defense", "epic-0.1-separate"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: 'epic-0.1-separate' is not epic-plus with its group score; pass --defense "
+        "with the label of such a row"]
+
+
+@pytest.mark.slow
 def test_gm_alignment_reads_a_bench_folder(proxy_pass_bench, tmp_path):
     data = run_script("tools/gm_alignment.py", tmp_path, "--bench", str(proxy_pass_bench))
     assert data["benchmark"] == "gm_alignment"

@@ -62,7 +62,9 @@ class EpicDefense(DropDefense):
             slower on one without; GPU unmeasured); the proxies are always formed in float32.
         optimizer: facility-location solver, ``"lazy"``, ``"stochastic"`` or ``"auto"``.
         seed: seed of the stochastic solver.
-        record_proxies: keep each round's proxies in :attr:`proxies` (for plots; memory).
+        record_proxies: keep each round's proxies (and features), labels, selection and the
+            examples trained on before it in :attr:`proxies` (for plots and diagnostics;
+            memory).
     """
 
     name = "epic"
@@ -193,7 +195,10 @@ class EpicDefense(DropDefense):
         selected[dropped] = False
         if self.record_proxies:
             self.proxies.append({"indices": idx, "vectors": proxies.vectors.cpu(),
-                                 "labels": labels.cpu(), "keep": selected})
+                                 "features": None if proxies.features is None
+                                 else proxies.features.cpu(),
+                                 "labels": labels.cpu(), "keep": selected,
+                                 "active": trainer.active.cpu()})
         keep = torch.zeros_like(pool)
         keep[idx[selected]] = True
         if self.permanent:
