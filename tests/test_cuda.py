@@ -173,3 +173,21 @@ def test_epic_defense_trains_on_cuda():
     history = trainer.fit(resume=False)
     assert defense.summary()["rounds"] >= 1
     assert history[-1]["active"] == int(trainer.active.sum())
+
+
+@pytest.mark.skipif(not BF16, reason="needs bf16 autocast on the GPU")
+def test_training_features_pass_under_bf16_autocast_matches_the_separate_pass_in_transfer():
+    """The recorded features are bf16 under autocast; the round puts them through the head in
+    float32, so in transfer (frozen extractor) it drops what the separate pass drops."""
+    runs = {}
+    for proxy_pass in ("separate", "training-features"):
+        defense = EpicDefense(subset_fraction=0.3, warmup=1, interval=1, until=2,
+                              proxy="last-layer", proxy_pass=proxy_pass, record_proxies=True)
+        Trainer(tiny_model(), tiny_split(), callbacks=[defense], config=TrainConfig(
+            **{**FAST, "epochs": 3, "scenario": "transfer", "amp": True,
+               "amp_dtype": "bfloat16"})).fit(resume=False)
+        runs[proxy_pass] = defense.proxies
+    for a, b in zip(runs["separate"], runs["training-features"], strict=True):
+        assert b["features"].dtype == torch.float32
+        torch.testing.assert_close(a["features"], b["features"])
+        assert torch.equal(a["keep"], b["keep"])
