@@ -158,6 +158,30 @@ def test_proxy_pass_defaults_to_the_training_steps_features_for_a_pretrained_mod
         EpicPlus(proxy_pass="features")
 
 
+class _EveryRound(EpicPlus):
+    def _finished(self, trainer):
+        return False
+
+
+def test_rounds_stop_once_the_cap_is_reached_and_training_is_unchanged(digits):
+    """Past the cap no round can drop or restore anything, so skipping the rest of the rounds
+    (and their proxy passes) must leave the run bit for bit the same."""
+    train, _ = digits
+    runs = {}
+    for cls in (EpicPlus, _EveryRound):
+        plus = cls(fraction=0.02, patience=1)
+        trainer = Trainer(small_model(), train, callbacks=[plus], config=TrainConfig(
+            epochs=6, batch_size=64, lr=0.05, augment="none", progress=False))
+        trainer.fit()
+        runs[cls] = (plus, trainer)
+    (skip, t_skip), (every, t_every) = runs[EpicPlus], runs[_EveryRound]
+    cap = int(0.02 * len(train.labels))
+    assert int((~t_skip.active).sum()) == cap and torch.equal(t_skip.active, t_every.active)
+    assert len(skip.rounds) < len(every.rounds) == 5  # rounds at epochs 1-5
+    for a, b in zip(t_skip.model.state_dict().values(), t_every.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_epic_plus_runs_without_a_decay_to_the_end_and_drops_at_most_its_fraction(digits):
     train, _ = digits
     plus = create_defense("epic-plus", fraction=0.05)

@@ -102,9 +102,14 @@ class EpicDefense(DropDefense):
 
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
         self._unhook()
+        if self._finished(trainer):  # no round can change the kept set any more: skip them
+            self._recorded = []
+            return
         if self.schedule.is_selection_epoch(epoch):
             self._select(trainer, epoch)
         self._recorded = []
+        if self._finished(trainer):
+            return
         if (self.proxy_pass == "training-features"
                 and self.schedule.is_selection_epoch(epoch + 1)):  # record this epoch's
             capture = self._capture = FeatureCapture(find_classifier(trainer.model))
@@ -116,6 +121,11 @@ class EpicDefense(DropDefense):
 
     def on_train_end(self, trainer: Any) -> None:
         self._unhook()
+
+    def _finished(self, trainer: Any) -> bool:
+        """Whether no later round can change which examples are kept, so that the rounds
+        (and their proxy passes) can be skipped. EPIC: never (a round may drop more)."""
+        return False
 
     def _unhook(self) -> None:
         if self._hook is not None:

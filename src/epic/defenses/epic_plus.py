@@ -24,6 +24,8 @@ three things:
   the first round, and waiting lets the poisons act during the high learning rate.
 
 It works with any schedule, constant learning rate included (rounds then run to the end).
+Once the cap is reached no later round could change what is kept (drops are permanent), so
+the rounds stop there and cost nothing more.
 """
 
 from __future__ import annotations
@@ -118,6 +120,12 @@ class EpicPlus(EpicDefense):
             self.patience = 1 if trainer.config.pretrained else 3
         if self._proxy_pass is None:
             self.proxy_pass = "training-features" if trainer.config.pretrained else "separate"
+
+    def _finished(self, trainer: Any) -> bool:
+        """The cap is reached: drops are permanent and none can be added, so a later round
+        would only count votes (skipping it changes nothing but the time)."""
+        active = trainer.active
+        return int((~active).sum()) >= int(self.fraction * len(active))
 
     def _decide(self, trainer: Any, proxies: GradientProxy, labels: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, Any]]:
