@@ -9,6 +9,7 @@ process.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ from .._callback import BatchEnd
 from .._device import PRECISIONS
 from .._errors import EpicError
 from .._validation import check_choice
-from ..models.features import FeatureCapture, find_classifier
+from ..models.features import FeatureCapture, capture_features, find_classifier
 from ..selection import EPIC, GradientProxy, SelectionSchedule, gradient_proxy
 from .base import DropDefense, register_defense
 
@@ -91,7 +92,7 @@ class EpicDefense(DropDefense):
         # proxy_pass="training*": this process's (indices, logits or features) of the epoch
         # before a round (recorded only then, cleared at every epoch's start after the round)
         self._recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._hook: Any = None  # "training-features": the classifier's forward hook
+        self._hook: contextlib.ExitStack | None = None  # "training-features": its capture
         self._capture: FeatureCapture | None = None
 
     def on_train_start(self, trainer: Any) -> None:
@@ -102,22 +103,15 @@ class EpicDefense(DropDefense):
 
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
         self._unhook()
-        if self._finished(trainer):  # no round can change the kept set any more: skip them
-            self._recorded = []
-            return
-        if self.schedule.is_selection_epoch(epoch):
+        # once no round can change the kept set any more, the rounds are skipped
+        if self.schedule.is_selection_epoch(epoch) and not self._finished(trainer):
             self._select(trainer, epoch)
         self._recorded = []
-        if self._finished(trainer):
-            return
-        if (self.proxy_pass == "training-features"
+        if (self.proxy_pass == "training-features" and not self._finished(trainer)
                 and self.schedule.is_selection_epoch(epoch + 1)):  # record this epoch's
-            capture = self._capture = FeatureCapture(find_classifier(trainer.model))
-
-            def hook(module: Any, args: tuple[torch.Tensor, ...], output: Any) -> None:
-                capture.features = args[0].detach()
-
-            self._hook = capture.layer.register_forward_hook(hook)
+            self._hook = contextlib.ExitStack()
+            self._capture = self._hook.enter_context(
+                capture_features(trainer.model, detach=True))
 
     def on_train_end(self, trainer: Any) -> None:
         self._unhook()
@@ -129,7 +123,7 @@ class EpicDefense(DropDefense):
 
     def _unhook(self) -> None:
         if self._hook is not None:
-            self._hook.remove()
+            self._hook.close()
             self._hook = self._capture = None
 
     def on_batch_end(self, trainer: Any, batch: BatchEnd) -> None:

@@ -121,11 +121,14 @@ class EpicPlus(EpicDefense):
         if self._proxy_pass is None:
             self.proxy_pass = "training-features" if trainer.config.pretrained else "separate"
 
+    def _budget(self, n: int) -> int:
+        """The cap: examples flagged per round and dropped in all, of ``n``."""
+        return int(self.fraction * n)
+
     def _finished(self, trainer: Any) -> bool:
         """The cap is reached: drops are permanent and none can be added, so a later round
         would only count votes (skipping it changes nothing but the time)."""
-        active = trainer.active
-        return int((~active).sum()) >= int(self.fraction * len(active))
+        return int((~trainer.active).sum()) >= self._budget(len(trainer.active))
 
     def _decide(self, trainer: Any, proxies: GradientProxy, labels: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -134,7 +137,7 @@ class EpicPlus(EpicDefense):
             scores = self._group_scores(proxies.features, labels)
         else:
             scores = knn_isolation(proxies, labels, k=self.k).cpu()
-        budget = int(self.fraction * n)
+        budget = self._budget(n)
         flagged = torch.zeros(n, dtype=torch.bool)
         if budget:
             top = scores.topk(budget).indices
