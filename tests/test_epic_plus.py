@@ -178,7 +178,9 @@ def test_rounds_stop_once_the_cap_is_reached_and_training_is_unchanged(digits):
     cap = int(0.02 * len(train.labels))
     assert int((~t_skip.active).sum()) == cap and torch.equal(t_skip.active, t_every.active)
     assert len(skip.rounds) < len(every.rounds) == 5  # rounds at epochs 1-5
-    for a, b in zip(t_skip.model.state_dict().values(), t_every.model.state_dict().values()):
+    weights = zip(t_skip.model.state_dict().values(), t_every.model.state_dict().values(),
+                  strict=True)
+    for a, b in weights:
         assert torch.equal(a, b)
 
 
