@@ -126,8 +126,12 @@ def test_the_demo_config_is_made_of_run_pieces():
     data = cfg.to_dict()
     assert data["defense"] == {"name": "epic", "options": {"until": 9}}
     assert json.loads(json.dumps(data)) == data  # plain data for demo.json
+    assert data["variant"] == {"name": "epic-plus", "options": {}}
     with pytest.raises(EpicError, match="defense must be an 'epic' spec, got 'jpeg'"):
         DemoConfig(defense="jpeg")
+    with pytest.raises(EpicError, match="variant must be an EPIC variant .* got 'deep-knn'"):
+        DemoConfig(variant="deep-knn")
+    assert [key for key, _ in DemoConfig(variant=None).columns()] == ["none", "epic"]
 
 
 def test_demo_quick_mode(tmp_path, capsys):
@@ -135,14 +139,19 @@ def test_demo_quick_mode(tmp_path, capsys):
         main(["demo", "--quick", "--out", str(tmp_path / "demo")])
     assert exit_.value.code == 0
     printed = capsys.readouterr().out
-    assert "undefended" in printed and "EPIC" in printed
+    assert all(title in printed for title in ("undefended", "EPIC-0.1", "EPIC-plus",
+                                              "random drop"))
     result = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert len(result["rows"]) == 2
     for row in result["rows"]:
-        for defense in ("none", "epic"):
+        for defense in ("none", "epic", "epic-plus", "random-drop"):
             r = row[defense]
             assert r["poisons_total"] == 13 and 0 <= r["poisons_dropped"] <= 13
             assert 0.5 < r["clean_test_acc"] <= 1.0
+        plus, control = row["epic-plus"], row["random-drop"]  # the control drops as many
+        assert plus["poisons_dropped"] + plus["clean_dropped"] > 0
+        assert (control["poisons_dropped"] + control["clean_dropped"]
+                == plus["poisons_dropped"] + plus["clean_dropped"])
     assert result["totals"]["none"]["poisons_dropped"] == 0  # undefended drops nothing
     png = (tmp_path / "demo" / "demo.png").read_bytes()
     assert png.startswith(b"\x89PNG")

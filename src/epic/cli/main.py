@@ -300,10 +300,12 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/
          quick: Annotated[bool, typer.Option(
              help="A reduced run (2 targets, few steps) for tests and smoke checks.")] = False,
          seed: Annotated[int, typer.Option(help="Seed.")] = 0) -> None:
-    """Attack and defend on scikit-learn's digits: undefended vs EPIC, per target.
+    """Attack and defend on scikit-learn's digits: undefended vs EPIC vs EPIC-plus, per target.
 
     Pretrains a surrogate, crafts poisons against random targets, trains the victim's linear
-    head on the poisoned data with and without EPIC, prints a table and writes OUT/demo.png.
+    head on the poisoned data undefended, with the paper's EPIC, with EPIC-plus and with a
+    random drop of as many examples as EPIC-plus dropped (the control), prints a table and
+    writes OUT/demo.png.
     """
     from dataclasses import replace
 

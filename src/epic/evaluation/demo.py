@@ -4,8 +4,10 @@
    frozen feature extractor (the poisoning benchmark's white-box transfer setting).
 2. For each of several random targets (a test image and a wrong class), craft poisons with the
    chosen attack on training images of that wrong class.
-3. Train the victim's new linear head twice per target, undefended and with EPIC, and score
-   attack success (the target takes the wrong class), clean accuracy and poisons dropped.
+3. Train the victim's new linear head per target undefended, with the paper's EPIC, with an
+   EPIC variant (``epic-plus`` by default) and with a random drop of as many examples as the
+   variant dropped (the control that tells removing poisons from training on less data), and
+   score attack success (the target takes the wrong class), clean accuracy and drops.
    The head is trained to fit its data (lr 1, no weight decay, 300 epochs): a linear head's
    logits on the target are the mean of its logits on the bullseye poisons, so the attack
    wins exactly when the head fits the poisons, which a regularised head on these well
@@ -55,6 +57,11 @@ def _epic_spec() -> DefenseSpec:
     return DefenseSpec("epic", {"subset_fraction": 0.1, "warmup": 1, "interval": 1})
 
 
+def _variant_spec() -> DefenseSpec:
+    # Ours, with its defaults (a pretrained extractor: it drops at the first flag).
+    return DefenseSpec("epic-plus")
+
+
 @dataclass
 class DemoConfig:
     """Settings of :func:`run_demo` (the defaults are what ``make demo`` runs), made of the
@@ -68,7 +75,9 @@ class DemoConfig:
         targets: number of random targets.
         surrogate: training recipe of the surrogate ConvNet (the victim's feature extractor).
         victim: training recipe of the victim's new linear head (``scenario="transfer"``).
-        defense: the EPIC spec compared with undefended training.
+        defense: the paper's EPIC, compared with undefended training.
+        variant: an EPIC variant (a defense named ``epic-*``) run next to it, with a random drop
+            of as many examples as the variant dropped in each run; ``None`` runs neither.
         seed: seeds the targets, the crafting and both training recipes (it replaces their
             ``seed``).
         progress: show the crafting's progress bars.
@@ -84,6 +93,7 @@ class DemoConfig:
     surrogate: TrainConfig = field(default_factory=_surrogate_recipe)
     victim: TrainConfig = field(default_factory=_victim_recipe)
     defense: DefenseSpec = field(default_factory=_epic_spec)
+    variant: DefenseSpec | None = field(default_factory=_variant_spec)
     seed: int = 0
     progress: bool = True
     threads: int = 1
@@ -94,6 +104,11 @@ class DemoConfig:
         if self.defense.name != "epic":
             raise EpicError(f"the demo compares undefended training with EPIC; defense must "
                             f"be an 'epic' spec, got {self.defense.name!r}")
+        if self.variant is not None:
+            self.variant = DefenseSpec.parse(self.variant)
+            if not self.variant.name.startswith("epic-"):
+                raise EpicError(f"the demo's variant must be an EPIC variant (a defense named "
+                                f"'epic-*'), got {self.variant.name!r}")
         for name in ("surrogate", "victim"):
             recipe = getattr(self, name)
             if not isinstance(recipe, TrainConfig):
@@ -103,6 +118,15 @@ class DemoConfig:
         """Plain data for ``demo.json``: each piece by its own ``to_dict``."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         return {k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in data.items()}
+
+    def columns(self) -> list[tuple[str, str]]:
+        """(key in a row of ``demo.json``, title) of every training run per target."""
+        columns = [("none", "undefended"),
+                   ("epic", f"EPIC-{_option(self.defense, 'subset_fraction'):g}")]
+        if self.variant is not None:
+            columns += [(self.variant.name, "EPIC" + self.variant.name[4:]),
+                        ("random-drop", "random drop")]
+        return columns
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -138,32 +162,48 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
                                "adv": trial["adv_label"]}
         epic = DefenseSpec(cfg.defense.name,
                            {**cfg.defense.options, "record_proxies": first_round is None})
-        for defense, spec in (("none", DefenseSpec("none")), ("epic", epic)):
-            run_cfg = RunConfig(dataset="digits", checkpoint=str(surrogate),
-                                defense=spec, poisons=trial["file"],
-                                out=str(out / f"trial-{trial['trial']:03d}-{defense}"),
-                                train=head)
-            summary, trainer, _ = execute_run(run_cfg, resume=False)
-            row[defense] = {k: summary[k] for k in ("attack_success", "clean_test_acc",
-                                                    "poisons_dropped", "poisons_total",
-                                                    "clean_dropped", "wall_seconds")}
-            if defense == "epic" and first_round is None and trainer.callbacks[0].proxies:
+        runs = [("none", DefenseSpec("none")), ("epic", epic)]
+        if cfg.variant is not None:
+            runs.append((cfg.variant.name, cfg.variant))
+        for key, spec in runs:
+            summary, trainer = _train(cfg, trial, surrogate, head, key, spec)
+            row[key] = summary
+            if key == "epic" and first_round is None and trainer.callbacks[0].proxies:
                 first_round = {"proxies": trainer.callbacks[0].proxies[0],
                                "poison_mask": trainer.poison_mask, "adv": trial["adv_label"]}
+        if cfg.variant is not None:  # the control: as many examples, chosen at random
+            ref = row[cfg.variant.name]
+            control = DefenseSpec("random-drop", {
+                "count": ref["poisons_dropped"] + ref["clean_dropped"], "seed": cfg.seed})
+            row["random-drop"], _ = _train(cfg, trial, surrogate, head, "random-drop", control)
         rows.append(row)
 
-    totals = _totals(rows)
+    totals = _totals(rows, cfg)
     result = {"config": cfg.to_dict(), "rows": rows, "totals": totals,
               "seconds": time.perf_counter() - t_start}
     write_json(out / "demo.json", result)
     _print_table(rows, totals, cfg)
-    _plot(out / "demo.png", rows, first_round)
+    _plot(out / "demo.png", rows, first_round, cfg.columns())
     return result
 
 
-def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _train(cfg: DemoConfig, trial: dict[str, Any], surrogate: Path, head: TrainConfig,
+           key: str, spec: DefenseSpec) -> tuple[dict[str, Any], Any]:
+    """One victim run on a trial's poisons; the summary's scores and the trainer."""
+    run_cfg = RunConfig(dataset="digits", checkpoint=str(surrogate), defense=spec,
+                        poisons=trial["file"], train=head,
+                        out=str(Path(cfg.out) / f"trial-{trial['trial']:03d}-{key}"))
+    summary, trainer, _ = execute_run(run_cfg, resume=False)
+    return {k: summary[k] for k in _SCORES}, trainer
+
+
+_SCORES = ("attack_success", "clean_test_acc", "poisons_dropped", "poisons_total",
+           "clean_dropped", "wall_seconds")
+
+
+def _totals(rows: list[dict[str, Any]], cfg: DemoConfig) -> dict[str, Any]:
     totals = {}
-    for defense in ("none", "epic"):
+    for defense, _ in cfg.columns():
         runs = [r[defense] for r in rows]
         totals[defense] = {
             "attack_success": sum(r["attack_success"] for r in runs) / len(runs),
@@ -185,29 +225,40 @@ def _option(spec: DefenseSpec, key: str) -> Any:
 
 def _print_table(rows: list[dict[str, Any]], totals: dict[str, Any], cfg: DemoConfig) -> None:
     head, until = cfg.victim, _option(cfg.defense, "until")
+    columns = cfg.columns()
     print(f"\n{cfg.attack.name}, {rows[0]['epic']['poisons_total']} poisons per "
           f"target, eps {cfg.attack.threat.eps:g}/255, transfer learning on digits (linear "
           f"head: {head.epochs} epochs, lr {head.lr:g}, weight decay {head.weight_decay:g}); "
-          f"EPIC-{_option(cfg.defense, 'subset_fraction'):g}, selection every epoch from "
-          "epoch 1 until "
-          + ("the last learning-rate decay" if until is None else f"epoch {until}"))
-    print(f"{'target':>6} {'class':>9} | {'undefended':>10} {'acc':>6} | {'EPIC':>9} {'acc':>6} "
-          f"{'poisons dropped':>16} {'clean dropped':>14}")
+          f"{columns[1][1]}: selection every epoch from epoch 1 until "
+          + ("the last learning-rate decay" if until is None else f"epoch {until}")
+          + (f"; {columns[2][1]} with its defaults; random drop: as many examples as "
+             f"{columns[2][1]} dropped, chosen at random" if cfg.variant is not None else ""))
+    print("each column: attack outcome, clean accuracy, poisons dropped, clean images dropped")
+    width = 24
+    print(f"{'target':>6} {'class':>8} | " + " | ".join(f"{t[:width]:<{width}}"
+                                                      for _, t in columns).rstrip())
+
+    def cell(r: dict[str, Any], outcome: str, dropped: str) -> str:
+        return f"{outcome:>4} {r['clean_test_acc']:.3f} {dropped}"[:width].ljust(width)
+
     for r in rows:
-        n, e = r["none"], r["epic"]
-        print(f"{r['target']:>6} {r['true']:>4} -> {r['adv']:<2} | "
-              f"{'HIT' if n['attack_success'] else 'miss':>10} {n['clean_test_acc']:6.3f} | "
-              f"{'HIT' if e['attack_success'] else 'miss':>9} {e['clean_test_acc']:6.3f} "
-              f"{e['poisons_dropped']:>9}/{e['poisons_total']:<6} {e['clean_dropped']:>14}")
-    n, e = totals["none"], totals["epic"]
-    print(f"{'all':>16} | {n['attack_success']:>9.0%} {n['clean_test_acc']:6.3f} | "
-          f"{e['attack_success']:>8.0%} {e['clean_test_acc']:6.3f} "
-          f"{e['poisons_dropped']:>9}/{e['poisons_total']:<6} {e['clean_dropped']:>14.1f}")
-    print("attack success = share of targets classified as the attacker's class; "
-          f"time per training run: {n['seconds']:.1f} s undefended, {e['seconds']:.1f} s EPIC")
+        cells = [cell(r[key], "HIT" if r[key]["attack_success"] else "miss",
+                      "" if key == "none" else f"{r[key]['poisons_dropped']:>3}/"
+                      f"{r[key]['poisons_total']:<3} {r[key]['clean_dropped']:>5}")
+                 for key, _ in columns]
+        print(f"{r['target']:>6} {r['true']:>3} -> {r['adv']:<1} | " + " | ".join(cells).rstrip())
+    cells = [cell(totals[key], f"{totals[key]['attack_success']:.0%}",
+                  "" if key == "none" else f"{totals[key]['poisons_dropped']:>3}/"
+                  f"{totals[key]['poisons_total']:<3} {totals[key]['clean_dropped']:>5.1f}")
+             for key, _ in columns]
+    print(f"{'all':>15} | " + " | ".join(cells).rstrip())
+    print("attack success = share of targets classified as the attacker's class (all: clean "
+          "images dropped per run); seconds per training run: "
+          + ", ".join(f"{title} {totals[key]['seconds']:.1f}" for key, title in columns))
 
 
-def _plot(path: Path, rows: list[dict[str, Any]], first_round: dict[str, Any] | None) -> None:
+def _plot(path: Path, rows: list[dict[str, Any]], first_round: dict[str, Any] | None,
+          columns: list[tuple[str, str]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,7 +291,7 @@ def _plot(path: Path, rows: list[dict[str, Any]], first_round: dict[str, Any] | 
         ax.set_title(f"class {first_round['adv']} in EPIC's first round")
     # Outcome per target: a cell per (defense, target), red for a hit, green for a miss.
     ax = axes[1]
-    names = [("undefended", "none"), ("EPIC", "epic")]
+    names = [(title, key) for key, title in columns]
     grid = [[int(r[key]["attack_success"]) for r in rows] for _, key in names]
     ax.imshow(grid, cmap=matplotlib.colors.ListedColormap(["#8fd18f", "#e8827a"]), vmin=0,
               vmax=1, aspect="auto")
