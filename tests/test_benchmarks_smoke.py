@@ -193,6 +193,9 @@ def test_feature_isolation_reads_a_transfer_bench(transfer_bench, tmp_path):
     for r in rows.values():
         (count,) = r["per_trial"]
         assert 0 <= count <= 5
+    (trial,) = data["trials"]
+    assert 0 <= trial["group30_flagged"] <= 5 and 0 <= trial["poisons_off_label"] <= 1
+    assert 0 <= trial["poison_median_percentile"] <= 1
 
 
 def test_feature_isolation_ranks_a_tight_far_group_first():

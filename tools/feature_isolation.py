@@ -14,6 +14,11 @@ example of the same label, ``a_k`` to the k-th nearest of any label):
 far from the rest of its class); ``disagree{k}``: share of the k nearest with another label;
 ``group{k}``: the larger of the percentile ranks of ``drop5-{k}`` and ``ratio{k}``
 (:func:`epic.selection.group_isolation`, what ``epic-plus`` ranks by default).
+
+Per trial it also reports how many poisons ``group30`` flags, the poisons' median percentile
+under it, and the share of poisons that the extractor's own head (the pretrained model's)
+assigns to a class other than their label: poisons still read as their label have not moved
+away from it, and no within-class score can set them apart.
 """
 
 from __future__ import annotations
@@ -66,16 +71,26 @@ def main() -> None:
     torch.set_num_threads(1)
     bench = open_bench(args.bench, args.seed)
     counts: dict[str, list[int]] = {}
+    trials: list[dict[str, float]] = []
     files = sorted(bench.folder.glob(f"poisons/*/seed{args.seed}/trial-*/poisons.npz"))
     for path in files:
         poisoned, is_poison = splice_poisons(bench.train, PoisonSet.load(path))
         with torch.no_grad():
-            feats = torch.cat([forward_with_features(bench.surrogate, x.float() / 255)[1]
-                               for x in poisoned.images.split(500)])
+            logits, feats = (torch.cat(t) for t in zip(*[
+                forward_with_features(bench.surrogate, x.float() / 255)
+                for x in poisoned.images.split(500)], strict=True))
         flagged = int(round(args.top * len(feats)))
         for name, score in scores(feats, poisoned.labels, tuple(args.k)).items():
             top = score.topk(flagged).indices
             counts.setdefault(name, []).append(int(is_poison[top].sum()))
+        group = group_isolation(feats, poisoned.labels, k=30)
+        rank = group.argsort().argsort().float() / max(len(group) - 1, 1)
+        off = logits.argmax(1) != poisoned.labels
+        trials.append({"trial": int(path.parent.name.split("-")[-1]),
+                       "group30_flagged": int(is_poison[group.topk(flagged).indices].sum()),
+                       "poison_median_percentile": float(rank[is_poison].median()),
+                       "poisons_off_label": float(off[is_poison].float().mean()),
+                       "clean_off_label": float(off[~is_poison].float().mean())})
     poisons = int(is_poison.sum())
     rows = [{"score": name, "mean_poisons_flagged": sum(c) / len(c),
              "trials_with_80pct": sum(x >= 0.8 * poisons for x in c), "per_trial": c}
@@ -84,7 +99,13 @@ def main() -> None:
     print_table(["score", "mean poisons flagged", "trials >= 80% flagged"],
                 [[r["score"], f"{r['mean_poisons_flagged']:.1f}", r["trials_with_80pct"]]
                  for r in rows])
+    print_table(["trial", "group30 flagged", "poisons' median percentile",
+                 "poisons off their label", "clean off their label"],
+                [[t["trial"], t["group30_flagged"], f"{t['poison_median_percentile']:.3f}",
+                  f"{t['poisons_off_label']:.0%}", f"{t['clean_off_label']:.0%}"]
+                 for t in trials])
     path = save("feature_isolation", {"benchmark": "feature_isolation", "rows": rows,
+                                      "trials": trials,
                                       "bench": str(bench.folder), "env": environment()}, args.out)
     print(f"wrote {path}")
 
