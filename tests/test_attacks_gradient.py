@@ -185,7 +185,7 @@ def test_create_attack_drops_none():
     attack = create_attack("gradient-matching", steps=None, tau=0.2)
     assert attack.steps == 250 and attack.tau == 0.2
     assert attack.hyperparameters() == {"steps": 250, "tau": 0.2, "restarts": 1, "augment": True,
-                                        "flip": True, "batch_size": 512}
+                                        "flip": True, "batch_size": 512, "retrain_rounds": 0}
 
 
 # --------------------------------------------------------------------------- gradient matching
@@ -369,6 +369,41 @@ def test_sleeper_retrain_rounds(digits, surrogate, target):
                              retrain=retrain)
     attack.craft(surrogate, train, target, THREAT, seed=0, device="cpu", progress=False)
     assert len(seen) == 1 and "retrain" not in attack.hyperparameters()
+
+
+def test_gradient_matching_retrains_its_surrogates(digits, surrogate, target):
+    train, _ = digits
+    seen: list[ImageTensors] = []
+
+    def retrain(split: ImageTensors) -> nn.Module:
+        seen.append(split)
+        return _tiny(len(seen))  # stands in for a trainer
+
+    attack = gm.GradientMatching(steps=6, augment=False, flip=False, retrain_rounds=2)
+    assert attack.retrain_steps() == [2, 4]
+    poisons = attack.craft([surrogate, surrogate], train, target, THREAT, seed=0, device="cpu",
+                           progress=False, retrain=retrain)
+    assert len(seen) == 4  # once per surrogate of the ensemble and round
+    assert torch.equal(seen[0].images, seen[1].images)  # a round's split is the same
+    assert not torch.equal(seen[0].images, seen[2].images)  # the poisons moved in between
+    for split in seen:
+        moved = (split.images != train.images).flatten(1).any(1).nonzero().flatten()
+        assert set(moved.tolist()) <= set(poisons.base_indices.tolist())
+        assert int((split.images.int() - train.images.int()).abs().max()) <= EPS
+    poisons.validate(train)
+    assert poisons.metadata["hyperparameters"]["retrain_rounds"] == 2
+    # without rounds the callback is never called, and the poisons are the plain attack's
+    plain = gm.GradientMatching(steps=6, augment=False, flip=False)
+    again = plain.craft(surrogate, train, target, THREAT, seed=0, device="cpu", progress=False,
+                        retrain=retrain)
+    assert len(seen) == 4
+    assert torch.equal(again.images, gm.GradientMatching(steps=6, augment=False, flip=False).craft(
+        surrogate, train, target, THREAT, seed=0, device="cpu", progress=False).images)
+    with pytest.raises(EpicError, match="retrain_rounds=1 needs a retrain callback"):
+        gm.GradientMatching(steps=6, retrain_rounds=1).craft(surrogate, train, target, THREAT,
+                                                          device="cpu", progress=False)
+    with pytest.raises(EpicError, match="retrain_rounds must be less than steps=6"):
+        gm.GradientMatching(steps=6, retrain_rounds=6)
 
 
 def test_sleeper_checks(digits, surrogate, target):

@@ -20,6 +20,7 @@ from epic.evaluation import (
     pretrain,
     run_training,
 )
+from epic.evaluation.craft import retrainer
 from epic.evaluation.demo import DemoConfig
 from epic.training import TrainConfig
 
@@ -115,6 +116,36 @@ def test_craft_with_missing_checkpoint(tmp_path):
     with pytest.raises(EpicError, match="does not exist"):
         craft_poisons(CraftConfig(attack="feature-collision", checkpoints=[str(tmp_path / "x")],
                                   out=str(tmp_path / "p"), progress=False))
+
+
+def test_the_retrainer_trains_like_the_checkpoint(surrogate, tmp_path):
+    from epic.models import load_model, save_model
+
+    split = load_split("digits", None, train=True)
+    retrain = retrainer(surrogate)
+    first, second = retrain(split), retrain(split)  # two members of an ensemble
+    assert not first.training and not second.training
+    assert type(first) is type(load_model(surrogate))
+
+    def flat(model):
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert not torch.equal(flat(first), flat(second))  # distinct seeds within a round
+    assert torch.equal(flat(first), flat(retrainer(surrogate)(split)))  # a resumed run
+    bare = tmp_path / "bare.pt"  # a model file without the recipe of `epic pretrain`
+    save_model(bare, first, {"name": "convnet", "num_classes": 10, "in_channels": 1})
+    with pytest.raises(EpicError, match="records no training recipe"):
+        retrainer(bare)
+
+
+def test_craft_retrains_the_surrogate_from_its_recipe(surrogate, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["craft", "--checkpoint", str(surrogate), "--attack", "gradient-matching",
+              "--option", "steps=4", "--option", "retrain_rounds=1", "--target-index", "3",
+              "--adv-class", "5", "--out", str(tmp_path / "p"), "--no-progress"])
+    assert exit_.value.code == 0, capsys.readouterr().err
+    poisons = PoisonSet.load(tmp_path / "p" / "trial-000" / "poisons.npz")
+    assert poisons.metadata["hyperparameters"]["retrain_rounds"] == 1
 
 
 def test_the_demo_config_is_made_of_run_pieces():

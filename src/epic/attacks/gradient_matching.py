@@ -32,7 +32,7 @@ The shared pieces (:func:`parameter_gradients`, :func:`cosine_loss`, :func:`alig
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -41,10 +41,21 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from .._device import resolve_device
 from .._errors import EpicError
 from .._validation import check_int
+from ..data import ImageTensors, PoisonedDataset, PoisonSet
 from ..data.augment import random_crop, random_flip
-from .base import Attack, Target, ThreatModel, project, register_attack
+from .base import (
+    Attack,
+    Target,
+    ThreatModel,
+    as_ensemble,
+    project,
+    register_attack,
+    select_bases,
+    to_poison_set,
+)
 
 __all__ = [
     "GradientMatching",
@@ -60,6 +71,9 @@ Gradients = list[Tensor]
 """One gradient tensor per parameter of a surrogate, in ``named_parameters()`` order."""
 
 Refresh = Callable[[Tensor], tuple[list[nn.Module], list[Gradients]]]
+
+Retrain = Callable[[ImageTensors], nn.Module]
+"""Trains a fresh surrogate on a (poisoned) training split and returns it."""
 """Called with the current poisons ``(P, C, H, W)``; returns new surrogates and their target
 gradients (used by the sleeper agent's retraining)."""
 
@@ -342,6 +356,13 @@ class GradientMatching(Attack):
         flip: Also random left-right flips; ``False`` for digits and MNIST.
         batch_size: Poisons per forward pass; more are processed in chunks with the exact
             full-batch gradient.
+        retrain_rounds: Times the surrogates are retrained on the current poisoned training
+            split during crafting, at evenly spaced steps, after which the poisons are matched
+            against the retrained models (Souri et al.'s model retraining, which makes poisons
+            survive a victim trained on them from scratch); needs ``retrain``. Default 0.
+        retrain: ``retrain(poisoned_train) -> model`` trains a fresh surrogate on the current
+            poisoned training split; called once per surrogate of the ensemble and round.
+            May also be passed to :meth:`craft` (``epic bench`` passes its surrogate recipe).
 
     Raises:
         EpicError: A bad hyperparameter (e.g. ``steps=0`` or ``tau <= 0``).
@@ -350,20 +371,80 @@ class GradientMatching(Attack):
     name = "gradient-matching"
 
     def __init__(self, *, steps: int = 250, tau: float = 0.1, restarts: int = 1,
-                 augment: bool = True, flip: bool = True, batch_size: int = 512) -> None:
+                 augment: bool = True, flip: bool = True, batch_size: int = 512,
+                 retrain_rounds: int = 0, retrain: Retrain | None = None) -> None:
         check_matching(steps=steps, tau=tau, restarts=restarts, augment=augment, flip=flip,
                        batch_size=batch_size)
+        check_int("retrain_rounds", retrain_rounds, minimum=0)
+        if retrain_rounds >= steps:
+            raise EpicError(f"retrain_rounds must be less than steps={steps} so that rounds fall "
+                            f"between steps, got {retrain_rounds}")
+        _check_retrain(retrain)
         self.steps = steps
         self.tau = float(tau)
         self.restarts = restarts
         self.augment = augment
         self.flip = flip
         self.batch_size = batch_size
+        self.retrain_rounds = retrain_rounds
+        self._retrain = retrain  # underscored: not a hyperparameter recorded in metadata
 
     def matching_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`craft_matching` this attack was configured with."""
         return {"steps": self.steps, "tau": self.tau, "restarts": self.restarts,
                 "augment": self.augment, "flip": self.flip, "batch_size": self.batch_size}
+
+    def retrain_steps(self) -> list[int]:
+        """The (0-based) steps before which the surrogates are retrained, evenly spaced."""
+        r = self.retrain_rounds
+        return [k * self.steps // (r + 1) for k in range(1, r + 1)]
+
+    def _retrainer(self, retrain: Retrain | None) -> Retrain | None:
+        """The callback to use (``craft``'s over ``__init__``'s), checked against the rounds."""
+        retrain = retrain if retrain is not None else self._retrain
+        if self.retrain_rounds and retrain is None:
+            raise EpicError(f"retrain_rounds={self.retrain_rounds} needs a retrain callback "
+                            f"(poisoned ImageTensors -> trained model); pass retrain=... or set "
+                            f"retrain_rounds=0")
+        _check_retrain(retrain)
+        return retrain if self.retrain_rounds else None
+
+    def craft(self, models: nn.Module | Sequence[nn.Module], train: ImageTensors,
+              target: Target, threat: ThreatModel, *, seed: int = 0, device: str = "auto",
+              progress: bool = True, retrain: Retrain | None = None) -> PoisonSet:
+        """Craft poisons against ``target`` (see :meth:`Attack.craft`); ``retrain`` overrides
+        the callback given to ``__init__``.
+
+        Raises:
+            EpicError: ``retrain_rounds > 0`` without a callback.
+        """
+        retrain = self._retrainer(retrain)
+        if retrain is None:
+            return super().craft(models, train, target, threat, seed=seed, device=device,
+                                 progress=progress)
+        dev = resolve_device(device)
+        ensemble = as_ensemble(models, dev)
+        generator = torch.Generator().manual_seed(seed)
+        klass = target.adv_label if threat.poison_class is None else threat.poison_class
+        indices = select_bases(train, klass, threat.count(len(train)), generator=generator)
+        target_x = target.image.to(dev).float().div_(255)[None]
+
+        def refresh(poisoned: Tensor) -> tuple[list[nn.Module], list[Gradients]]:
+            fresh = retrained(retrain, train, indices, poisoned, target, threat, len(ensemble),
+                              dev)
+            return fresh, [parameter_gradients(m, target_x, target.adv_label) for m in fresh]
+
+        base = train.images[indices].to(dev).float().div_(255)
+        labels = torch.full((len(indices),), int(klass), dtype=torch.long, device=dev)
+        poisoned, info = craft_matching(
+            ensemble, base, labels, [parameter_gradients(m, target_x, target.adv_label)
+                                     for m in ensemble],
+            eps=threat.eps / 255, generator=generator, progress=progress, desc=self.name,
+            refresh=refresh, refresh_at=self.retrain_steps(), **self.matching_options())
+        metadata = {"attack": self.name, "seed": seed, "num_surrogates": len(ensemble),
+                    "poison_class": int(klass), "hyperparameters": self.hyperparameters(),
+                    "result": info}
+        return to_poison_set(train, indices, poisoned, target, threat, metadata)
 
     def _craft(self, models: list[nn.Module], base: Tensor, target_x: Tensor, target: Target,
                threat: ThreatModel, *, generator: torch.Generator,
@@ -374,3 +455,30 @@ class GradientMatching(Attack):
         return craft_matching(models, base, labels, target_grads, eps=threat.eps / 255,
                               generator=generator, progress=progress, desc=self.name,
                               **self.matching_options())
+
+
+def _check_retrain(retrain: Any) -> None:
+    if retrain is not None and not callable(retrain):
+        raise EpicError(f"retrain must be a function (poisoned ImageTensors -> model), got "
+                        f"{type(retrain).__name__}")
+
+
+def retrained(retrain: Retrain, train: ImageTensors, indices: Tensor, poisoned: Tensor,
+              target: Target, threat: ThreatModel, count: int,
+              device: torch.device) -> list[nn.Module]:
+    """``count`` fresh surrogates from ``retrain`` on ``train`` with the poisons ``poisoned``
+    (float images in [0, 1]) in place of the images at ``indices``, in eval mode on ``device``.
+
+    Raises:
+        EpicError: The callback returned something other than a module.
+    """
+    current = to_poison_set(train, indices, poisoned, target, threat, {})
+    split = PoisonedDataset(train, current).to_tensors()
+    fresh = []
+    for _ in range(count):
+        model = retrain(split)
+        if not isinstance(model, nn.Module):
+            raise EpicError(f"the retrain callback must return an nn.Module, got "
+                            f"{type(model).__name__}")
+        fresh.append(model)
+    return as_ensemble(fresh, device)

@@ -18,7 +18,7 @@ recorded. The trigger is stored in the poisons' metadata (``"trigger"``, read it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .._device import resolve_device
 from .._errors import EpicError
 from .._validation import check_choice, check_int
-from ..data import ImageTensors, PoisonedDataset, PoisonSet
+from ..data import ImageTensors, PoisonSet
 from .base import (
     Target,
     ThreatModel,
@@ -36,7 +36,13 @@ from .base import (
     select_bases,
     to_poison_set,
 )
-from .gradient_matching import GradientMatching, craft_matching, parameter_gradients
+from .gradient_matching import (
+    GradientMatching,
+    Retrain,
+    craft_matching,
+    parameter_gradients,
+    retrained,
+)
 
 __all__ = [
     "PLACEMENTS",
@@ -50,9 +56,6 @@ __all__ = [
 
 PLACEMENTS = ("random", "fixed")
 TRIGGER_PATTERNS = ("binary", "uniform")
-
-Retrain = Callable[[ImageTensors], nn.Module]
-"""Trains a fresh surrogate on a (poisoned) training split and returns it."""
 
 
 # --------------------------------------------------------------------------- the trigger
@@ -225,25 +228,16 @@ class SleeperAgent(GradientMatching):
                  pattern: str = "binary", source_batch: int = 128, retrain_rounds: int = 0,
                  retrain: Retrain | None = None) -> None:
         super().__init__(steps=steps, tau=tau, restarts=restarts, augment=augment, flip=flip,
-                         batch_size=batch_size)
+                         batch_size=batch_size, retrain_rounds=retrain_rounds, retrain=retrain)
         if patch_size is not None:
             check_int("patch_size", patch_size, minimum=1)
         check_choice("placement", placement, PLACEMENTS)
         check_choice("pattern", pattern, TRIGGER_PATTERNS)
         check_int("source_batch", source_batch, minimum=1)
-        check_int("retrain_rounds", retrain_rounds, minimum=0)
-        if retrain_rounds >= steps:
-            raise EpicError(f"retrain_rounds must be less than steps={steps} so that rounds fall "
-                            f"between steps, got {retrain_rounds}")
-        if retrain is not None and not callable(retrain):
-            raise EpicError(f"retrain must be a function (poisoned ImageTensors -> model), got "
-                            f"{type(retrain).__name__}")
         self.patch_size = patch_size
         self.placement = placement
         self.pattern = pattern
         self.source_batch = source_batch
-        self.retrain_rounds = retrain_rounds
-        self._retrain = retrain  # underscored: not a hyperparameter recorded in metadata
 
     @classmethod
     def score(cls, model: nn.Module, poisons: PoisonSet, test: Any) -> dict[str, Any]:
@@ -257,11 +251,6 @@ class SleeperAgent(GradientMatching):
                                 placement=poisons.metadata.get("placement", "random"),
                                 generator=torch.Generator().manual_seed(0))
         return {"backdoor_success": rate, "attack_success": rate > 0.5}
-
-    def retrain_steps(self) -> list[int]:
-        """The (0-based) steps before which the surrogate is retrained, evenly spaced."""
-        r = self.retrain_rounds
-        return [k * self.steps // (r + 1) for k in range(1, r + 1)]
 
     def craft(self, models: nn.Module | Sequence[nn.Module], train: ImageTensors,
               target: Target, threat: ThreatModel, *, seed: int = 0, device: str = "auto",
@@ -288,14 +277,7 @@ class SleeperAgent(GradientMatching):
             EpicError: ``retrain_rounds > 0`` without a callback, a source class without
                 training images, a patch larger than the images, or too few poison bases.
         """
-        retrain = retrain if retrain is not None else self._retrain
-        if self.retrain_rounds and retrain is None:
-            raise EpicError(f"retrain_rounds={self.retrain_rounds} needs a retrain callback "
-                            f"(poisoned ImageTensors -> trained model); pass retrain=... or set "
-                            f"retrain_rounds=0")
-        if retrain is not None and not callable(retrain):
-            raise EpicError(f"retrain must be a function (poisoned ImageTensors -> model), got "
-                            f"{type(retrain).__name__}")
+        retrain = self._retrainer(retrain)
         c, h, w = train.image_shape
         size = self.patch_size if self.patch_size is not None else max(2, h // 8)
         if size > min(h, w):
@@ -323,16 +305,9 @@ class SleeperAgent(GradientMatching):
                     for m in surrogates]
 
         def refresh(poisoned: Tensor) -> tuple[list[nn.Module], list[list[Tensor]]]:
-            current = to_poison_set(train, indices, poisoned, target, threat, {})
-            split = PoisonedDataset(train, current).to_tensors()
-            fresh = []
-            for _ in ensemble:
-                model = retrain(split)  # type: ignore[misc]
-                if not isinstance(model, nn.Module):
-                    raise EpicError(f"the retrain callback must return an nn.Module, got "
-                                    f"{type(model).__name__}")
-                fresh.append(model)
-            fresh = as_ensemble(fresh, dev)
+            assert retrain is not None
+            fresh = retrained(retrain, train, indices, poisoned, target, threat, len(ensemble),
+                              dev)
             return fresh, source_gradients(fresh)
 
         base = train.images[indices].to(dev).float().div_(255)

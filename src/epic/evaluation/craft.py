@@ -7,7 +7,9 @@ file. A trial that already has its poison file is skipped, so an interrupted run
 
 from __future__ import annotations
 
+import collections
 import copy
+import hashlib
 import inspect
 import time
 from dataclasses import dataclass, field, replace
@@ -17,16 +19,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .._device import seed_everything
 from .._errors import EpicError
 from .._io import write_json
 from .._validation import check_choice
 from ..attacks import ATTACKS, AttackSpec, Target
+from ..attacks.gradient_matching import Retrain
 from ..data import ImageTensors, dataset_info
-from ..models import load_model
-from ..training import AUGMENTATIONS
-from .run import load_splits
+from ..models import create_model, load_model, read_model_spec
+from ..training import AUGMENTATIONS, Trainer
+from .run import RunConfig, load_splits, resolved_train_config
 
-__all__ = ["CraftConfig", "craft_poisons", "choose_targets"]
+__all__ = ["CraftConfig", "craft_poisons", "choose_targets", "retrainer"]
 
 
 @dataclass
@@ -97,11 +101,49 @@ def choose_targets(test: ImageTensors, count: int, seed: int,
             for i, s in zip(picks, shifts, strict=True)]
 
 
-def craft_poisons(cfg: CraftConfig, *, retrain: Any = None) -> list[dict[str, Any]]:
-    """Craft every target's poisons; return one record per trial (also in targets.json)."""
+def retrainer(checkpoint: str | Path) -> Retrain:
+    """A ``retrain`` callback (for an attack's ``retrain_rounds``) that trains a fresh
+    surrogate the way ``checkpoint`` was trained: its architecture and the training recipe
+    that ``epic pretrain`` records in the file, on the poisoned split it is given.
+
+    Each model's seed comes from the split's pixels and the number of earlier calls on the
+    same split (one per surrogate of an ensemble), so an interrupted crafting run recrafts a
+    target identically, and the seeds stay apart from the small seeds of victims.
+
+    Raises:
+        EpicError: the file records no training recipe.
+    """
+    spec, metadata = read_model_spec(checkpoint)
+    if not isinstance(metadata.get("run"), dict):
+        raise EpicError(f"{checkpoint} records no training recipe to retrain surrogates with; "
+                        "use a surrogate from `epic pretrain`, or set retrain_rounds=0")
+    recipe = resolved_train_config(RunConfig.from_dict(metadata["run"]))
+    calls: collections.Counter[str] = collections.Counter()
+
+    def retrain(split: ImageTensors) -> torch.nn.Module:
+        key = hashlib.sha256(split.images.numpy().tobytes()).hexdigest()
+        seed = 10**7 + int(key[:6], 16) + 7919 * calls[key]
+        calls[key] += 1
+        seed_everything(seed)  # the initialisation too, as in a run
+        kwargs = dict(spec)
+        model = create_model(kwargs.pop("name"), **kwargs)
+        Trainer(model, split, config=replace(recipe, seed=seed, progress=False)).fit()
+        return model.eval()
+
+    return retrain
+
+
+def craft_poisons(cfg: CraftConfig, *, retrain: Retrain | None = None) -> list[dict[str, Any]]:
+    """Craft every target's poisons; return one record per trial (also in targets.json).
+
+    An attack with ``retrain_rounds`` retrains its surrogates with ``retrain``, by default
+    :func:`retrainer` of the first checkpoint (its ``epic pretrain`` recipe).
+    """
     if not cfg.checkpoints:
         raise EpicError("crafting needs a surrogate: pass --checkpoint (from `epic pretrain`)")
     attack, threat = cfg.attack.create(), cfg.attack.threat
+    if retrain is None and cfg.attack.options.get("retrain_rounds"):
+        retrain = retrainer(cfg.checkpoints[0])
     train, test = load_splits(cfg.dataset, cfg.data_root, cfg.train_slice)
     models = [load_model(path) for path in cfg.checkpoints]
     pairs = list(cfg.targets) or choose_targets(test, cfg.num_targets, cfg.seed)

@@ -41,7 +41,7 @@ from ..models import create_model, load_model, read_model_spec, save_model
 from ..training import TrainConfig, Trainer
 
 __all__ = ["RunConfig", "build_model", "execute_run", "load_splits", "model_spec", "parse_slice",
-           "prepare_data", "pretrain", "run_training"]
+           "prepare_data", "pretrain", "resolved_train_config", "run_training"]
 
 
 @dataclass
@@ -204,7 +204,7 @@ def prepare_data(cfg: RunConfig, seed: int = 0) -> dict[str, Any]:
             "poison_mask": poison_mask if poisons is not None else None, "indices": indices}
 
 
-def _resolved_train_config(cfg: RunConfig) -> TrainConfig:
+def resolved_train_config(cfg: RunConfig) -> TrainConfig:
     """``cfg.train`` with ``augment=None`` replaced by the dataset's default augmentation."""
     if cfg.train.augment is not None:
         return cfg.train
@@ -291,7 +291,7 @@ def execute_run(cfg: RunConfig, *,
     t_start = time.perf_counter()
     dist.init_from_env()  # under torchrun; nothing in a single process
     main = dist.is_main()
-    train_cfg = _resolved_train_config(cfg)
+    train_cfg = resolved_train_config(cfg)
     if train_cfg.pretrained and cfg.checkpoint is None:
         raise EpicError(f"scenario '{train_cfg.scenario}' starts from a pretrained model; pass "
                         "--checkpoint (a file from `epic pretrain`)")
