@@ -288,4 +288,3 @@ def test_crafting_follows_the_augmentation_all_victims_share():
     mixed = load_bench_config({**base, "victims": [{**victim, "label": "a", "augment": "none"},
                                                    {**victim, "label": "b"}]})
     assert bench_mod._victims_augmentation(mixed) is None  # the dataset's default decides
-
