@@ -59,12 +59,14 @@ from .base import (
 
 __all__ = [
     "GradientMatching",
+    "Retrain",
     "alignment_loss",
     "check_matching",
     "cosine_loss",
     "craft_matching",
     "crop_padding",
     "parameter_gradients",
+    "retrained",
 ]
 
 Gradients = list[Tensor]
