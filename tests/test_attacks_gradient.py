@@ -342,13 +342,20 @@ def _fields(p: PoisonSet) -> dict:
                 adv_label=p.adv_label, eps=p.eps)
 
 
-def test_sleeper_retrain_rounds(digits, surrogate, target):
-    train, _ = digits
+def _recording_retrain() -> tuple[list[ImageTensors], object]:
+    """A retrain callback that records the splits it is given and stands in for a trainer."""
     seen: list[ImageTensors] = []
 
     def retrain(split: ImageTensors) -> nn.Module:
         seen.append(split)
-        return _tiny(len(seen))  # stands in for a trainer
+        return _tiny(len(seen))
+
+    return seen, retrain
+
+
+def test_sleeper_retrain_rounds(digits, surrogate, target):
+    train, _ = digits
+    seen, retrain = _recording_retrain()
 
     attack = sa.SleeperAgent(steps=6, flip=False, source_batch=16, retrain_rounds=2)
     assert attack.retrain_steps() == [2, 4]
@@ -373,11 +380,7 @@ def test_sleeper_retrain_rounds(digits, surrogate, target):
 
 def test_gradient_matching_retrains_its_surrogates(digits, surrogate, target):
     train, _ = digits
-    seen: list[ImageTensors] = []
-
-    def retrain(split: ImageTensors) -> nn.Module:
-        seen.append(split)
-        return _tiny(len(seen))  # stands in for a trainer
+    seen, retrain = _recording_retrain()
 
     attack = gm.GradientMatching(steps=6, augment=False, flip=False, retrain_rounds=2)
     assert attack.retrain_steps() == [2, 4]
