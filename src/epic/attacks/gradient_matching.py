@@ -73,11 +73,11 @@ Gradients = list[Tensor]
 """One gradient tensor per parameter of a surrogate, in ``named_parameters()`` order."""
 
 Refresh = Callable[[Tensor], tuple[list[nn.Module], list[Gradients]]]
+"""Called with the current poisons ``(P, C, H, W)``; returns new surrogates and their target
+gradients (used by the retraining rounds)."""
 
 Retrain = Callable[[ImageTensors], nn.Module]
 """Trains a fresh surrogate on a (poisoned) training split and returns it."""
-"""Called with the current poisons ``(P, C, H, W)``; returns new surrogates and their target
-gradients (used by the sleeper agent's retraining)."""
 
 _MILESTONES = (3 / 8, 5 / 8, 7 / 8)
 
@@ -360,11 +360,13 @@ class GradientMatching(Attack):
             full-batch gradient.
         retrain_rounds: Times the surrogates are retrained on the current poisoned training
             split during crafting, at evenly spaced steps, after which the poisons are matched
-            against the retrained models (Souri et al.'s model retraining, which makes poisons
-            survive a victim trained on them from scratch); needs ``retrain``. Default 0.
+            against the retrained models (Souri et al.'s model retraining, meant for victims
+            trained from scratch on the poisons; on digits it did not raise the attack's
+            success, docs/results.md); needs ``retrain``. Default 0.
         retrain: ``retrain(poisoned_train) -> model`` trains a fresh surrogate on the current
             poisoned training split; called once per surrogate of the ensemble and round.
-            May also be passed to :meth:`craft` (``epic bench`` passes its surrogate recipe).
+            May also be passed to :meth:`craft` (``epic craft`` and ``epic bench`` pass one
+            that trains like the first surrogate, :func:`epic.evaluation.craft.retrainer`).
 
     Raises:
         EpicError: A bad hyperparameter (e.g. ``steps=0`` or ``tau <= 0``).
@@ -434,29 +436,32 @@ class GradientMatching(Attack):
         def refresh(poisoned: Tensor) -> tuple[list[nn.Module], list[Gradients]]:
             fresh = retrained(retrain, train, indices, poisoned, target, threat, len(ensemble),
                               dev)
-            return fresh, [parameter_gradients(m, target_x, target.adv_label) for m in fresh]
+            return fresh, _target_gradients(fresh, target_x, target)
 
         base = train.images[indices].to(dev).float().div_(255)
-        labels = torch.full((len(indices),), int(klass), dtype=torch.long, device=dev)
-        poisoned, info = craft_matching(
-            ensemble, base, labels, [parameter_gradients(m, target_x, target.adv_label)
-                                     for m in ensemble],
-            eps=threat.eps / 255, generator=generator, progress=progress, desc=self.name,
-            refresh=refresh, refresh_at=self.retrain_steps(), **self.matching_options())
+        poisoned, info = self._craft(ensemble, base, target_x, target, threat,
+                                     generator=generator, progress=progress, refresh=refresh)
         metadata = {"attack": self.name, "seed": seed, "num_surrogates": len(ensemble),
                     "poison_class": int(klass), "hyperparameters": self.hyperparameters(),
                     "result": info}
         return to_poison_set(train, indices, poisoned, target, threat, metadata)
 
     def _craft(self, models: list[nn.Module], base: Tensor, target_x: Tensor, target: Target,
-               threat: ThreatModel, *, generator: torch.Generator,
-               progress: bool) -> tuple[Tensor, dict[str, Any]]:
+               threat: ThreatModel, *, generator: torch.Generator, progress: bool,
+               refresh: Refresh | None = None) -> tuple[Tensor, dict[str, Any]]:
         klass = target.adv_label if threat.poison_class is None else threat.poison_class
         labels = torch.full((base.shape[0],), int(klass), dtype=torch.long, device=base.device)
-        target_grads = [parameter_gradients(m, target_x, target.adv_label) for m in models]
-        return craft_matching(models, base, labels, target_grads, eps=threat.eps / 255,
-                              generator=generator, progress=progress, desc=self.name,
+        return craft_matching(models, base, labels, _target_gradients(models, target_x, target),
+                              eps=threat.eps / 255, generator=generator, progress=progress,
+                              desc=self.name, refresh=refresh,
+                              refresh_at=self.retrain_steps() if refresh else (),
                               **self.matching_options())
+
+
+def _target_gradients(models: list[nn.Module], target_x: Tensor, target: Target
+                      ) -> list[Gradients]:
+    """Each surrogate's gradient of the target's loss towards the adversarial label."""
+    return [parameter_gradients(m, target_x, target.adv_label) for m in models]
 
 
 def _check_retrain(retrain: Any) -> None:

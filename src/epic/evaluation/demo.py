@@ -187,6 +187,10 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     return result
 
 
+_SCORES = ("attack_success", "clean_test_acc", "poisons_dropped", "poisons_total",
+           "clean_dropped", "wall_seconds")
+
+
 def _train(cfg: DemoConfig, trial: dict[str, Any], surrogate: Path, head: TrainConfig,
            key: str, spec: DefenseSpec) -> tuple[dict[str, Any], Any]:
     """One victim run on a trial's poisons; the summary's scores and the trainer."""
@@ -195,10 +199,6 @@ def _train(cfg: DemoConfig, trial: dict[str, Any], surrogate: Path, head: TrainC
                         out=str(Path(cfg.out) / f"trial-{trial['trial']:03d}-{key}"))
     summary, trainer, _ = execute_run(run_cfg, resume=False)
     return {k: summary[k] for k in _SCORES}, trainer
-
-
-_SCORES = ("attack_success", "clean_test_acc", "poisons_dropped", "poisons_total",
-           "clean_dropped", "wall_seconds")
 
 
 def _totals(rows: list[dict[str, Any]], cfg: DemoConfig) -> dict[str, Any]:
