@@ -288,3 +288,37 @@ def test_bullseye_transfer_poisons_linear_probe(digits, surrogates):
         trials += 1
         beaten += log_p[0] > log_p[1] + 1.0
     assert trials >= 6 and beaten >= trials - 1
+
+
+def test_a_new_attack_only_implements_craft_on_the_job(digits, surrogates, target):
+    """The seam for a user's attack: ``_craft`` gets the set-up job (copies of the surrogates,
+    seeded bases of the poison class, their pixels) and returns poisons, facts and extra
+    metadata; ``craft`` quantises them inside eps and records both."""
+    from epic.attacks import Attack, Crafted, Crafting
+
+    seen: list[Crafting] = []
+
+    class Brighten(Attack):
+        name = "brighten"
+
+        def _craft(self, job: Crafting) -> Crafted:
+            seen.append(job)
+            return Crafted(job.base + 1.0, {"steps": 0}, {"note": "every pixel up"})
+
+    train, _ = digits
+    poisons = Brighten().craft(list(surrogates), train, target, ThreatModel(eps=EPS),
+                               seed=5, device="cpu")
+    job = seen[0]
+    assert len(job.models) == 2 and all(not m.training for m in job.models)
+    assert job.models[0] is not surrogates[0]  # copies: the user's models are untouched
+    assert (train.labels[job.indices] == target.adv_label).all()
+    assert job.poison_class == target.adv_label
+    torch.testing.assert_close(job.base, train.images[job.indices].float() / 255)
+    assert torch.equal(poisons.base_indices, job.indices)
+    lift = poisons.images.int() - train.images[job.indices].int()
+    assert lift.max() == EPS and lift.min() >= 0  # clipped to eps and to 255
+    assert poisons.metadata["result"] == {"steps": 0}
+    assert poisons.metadata["note"] == "every pixel up" and poisons.metadata["seed"] == 5
+    again = Brighten().craft(list(surrogates), train, target, ThreatModel(eps=EPS), seed=5,
+                             device="cpu")
+    assert torch.equal(again.base_indices, poisons.base_indices)

@@ -425,6 +425,3 @@ def test_sleeper_checks(digits, surrogate, target):
     with pytest.raises(EpicError, match="patch_size"):
         sa.SleeperAgent(steps=2, patch_size=9).craft(surrogate, train, target, THREAT,
                                                      device="cpu", progress=False)
-    with pytest.raises(EpicError, match="craft"):
-        sa.SleeperAgent()._craft([surrogate], torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8),
-                                 target, THREAT, generator=torch.Generator(), progress=False)

@@ -10,6 +10,8 @@ from .base import (
     ATTACKS,
     Attack,
     AttackSpec,
+    Crafted,
+    Crafting,
     Target,
     ThreatModel,
     as_ensemble,
@@ -22,6 +24,6 @@ from .base import (
     to_poison_set,
 )
 
-__all__ = ["ATTACKS", "Attack", "AttackSpec", "Target", "ThreatModel", "as_ensemble",
-           "attack_summary", "create_attack", "list_attacks", "project", "register_attack",
-           "select_bases", "to_poison_set"]
+__all__ = ["ATTACKS", "Attack", "AttackSpec", "Crafted", "Crafting", "Target", "ThreatModel",
+           "as_ensemble", "attack_summary", "create_attack", "list_attacks", "project",
+           "register_attack", "select_bases", "to_poison_set"]

@@ -28,6 +28,8 @@ __all__ = [
     "ATTACKS",
     "Attack",
     "AttackSpec",
+    "Crafted",
+    "Crafting",
     "Target",
     "ThreatModel",
     "attack_summary",
@@ -242,11 +244,63 @@ def as_ensemble(models: nn.Module | Sequence[nn.Module], device: torch.device) -
     return [copy.deepcopy(m).to(device).eval().requires_grad_(False) for m in models]
 
 
+@dataclass(frozen=True)
+class Crafting:
+    """One crafting job as :meth:`Attack.craft` sets it up for :meth:`Attack._craft`.
+
+    Attributes:
+        models: Frozen copies of the surrogates, in eval mode on ``device``.
+        train: The clean training split the bases come from.
+        indices: Sorted CPU training indices of the base images.
+        base: ``(P, C, H, W)`` base images in ``[0, 1]`` on ``device``.
+        target_x: ``(1, C, H, W)`` target image in ``[0, 1]`` on ``device``.
+        target: The target.
+        threat: Budget and eps (out of 255).
+        poison_class: The class the bases come from (``target.adv_label`` unless the threat
+            names another).
+        seed: The seed ``generator`` started from.
+        generator: Seeded CPU generator; it has drawn the bases, the attack draws the rest.
+        device: Where the surrogates and images live.
+        progress: Show a tqdm bar.
+    """
+
+    models: list[nn.Module]
+    train: ImageTensors
+    indices: Tensor
+    base: Tensor
+    target_x: Tensor
+    target: Target
+    threat: ThreatModel
+    poison_class: int
+    seed: int
+    generator: torch.Generator
+    device: torch.device
+    progress: bool
+
+
+@dataclass(frozen=True)
+class Crafted:
+    """What :meth:`Attack._craft` returns.
+
+    Attributes:
+        poisons: ``(P, C, H, W)`` poisoned images in ``[0, 1]`` within eps of the bases.
+        result: JSON-serialisable facts about the run (final loss, steps taken, ...), stored
+            under the poisons' ``metadata["result"]``.
+        extra: Further JSON-serialisable metadata fields an attack's evaluation reads back
+            (e.g. the sleeper agent's trigger), stored at the top level of ``metadata``.
+    """
+
+    poisons: Tensor
+    result: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 class Attack(abc.ABC):
     """Base class: subclasses set ``name`` and implement :meth:`_craft`.
 
     Hyperparameters go to ``__init__`` (so ``create_attack(name, steps=...)`` works); the
-    shared arguments go to :meth:`craft`.
+    shared arguments go to :meth:`craft`, which sets up a :class:`Crafting` job (device,
+    surrogate copies, seeded bases) and turns the :class:`Crafted` result into poisons.
     """
 
     name: str = "attack"
@@ -259,19 +313,34 @@ class Attack(abc.ABC):
         Returns:
             A :class:`~epic.data.PoisonSet` whose perturbations are inside ``threat.eps``.
         """
+        job = self._job(models, train, target, threat, seed=seed, device=device,
+                        progress=progress)
+        return self._poison_set(job, self._craft(job))
+
+    def _job(self, models: nn.Module | Sequence[nn.Module], train: ImageTensors,
+             target: Target, threat: ThreatModel, *, seed: int, device: str,
+             progress: bool) -> Crafting:
+        """The crafting job of :meth:`craft`'s arguments: surrogate copies on the device and
+        the seeded choice of bases."""
         dev = resolve_device(device)
         ensemble = as_ensemble(models, dev)
         generator = torch.Generator().manual_seed(seed)
         klass = target.adv_label if threat.poison_class is None else threat.poison_class
         indices = select_bases(train, klass, threat.count(len(train)), generator=generator)
-        base = train.images[indices].to(dev).float().div_(255)
-        target_x = target.image.to(dev).float().div_(255)[None]
-        poisoned, info = self._craft(ensemble, base, target_x, target, threat,
-                                     generator=generator, progress=progress)
-        metadata = {"attack": self.name, "seed": seed, "num_surrogates": len(ensemble),
-                    "poison_class": int(klass), "hyperparameters": self.hyperparameters(),
-                    "result": info}
-        return to_poison_set(train, indices, poisoned, target, threat, metadata)
+        return Crafting(models=ensemble, train=train, indices=indices,
+                        base=train.images[indices].to(dev).float().div_(255),
+                        target_x=target.image.to(dev).float().div_(255)[None], target=target,
+                        threat=threat, poison_class=int(klass), seed=seed,
+                        generator=generator, device=dev, progress=progress)
+
+    def _poison_set(self, job: Crafting, crafted: Crafted) -> PoisonSet:
+        """The quantised poisons of ``crafted``, with the job's metadata."""
+        metadata = {"attack": self.name, "seed": job.seed, "num_surrogates": len(job.models),
+                    "poison_class": job.poison_class,
+                    "hyperparameters": self.hyperparameters(), "result": crafted.result,
+                    **crafted.extra}
+        return to_poison_set(job.train, job.indices, crafted.poisons, job.target, job.threat,
+                             metadata)
 
     @classmethod
     def score(cls, model: nn.Module, poisons: PoisonSet, test: Any) -> dict[str, Any]:
@@ -285,8 +354,6 @@ class Attack(abc.ABC):
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     @abc.abstractmethod
-    def _craft(self, models: list[nn.Module], base: Tensor, target_x: Tensor, target: Target,
-               threat: ThreatModel, *, generator: torch.Generator,
-               progress: bool) -> tuple[Tensor, dict[str, Any]]:
-        """Return poisoned images (P, C, H, W) in [0, 1] within eps of ``base``, and a dict
-        of JSON-serialisable facts about the run (final loss, steps taken, ...)."""
+    def _craft(self, job: Crafting) -> Crafted:
+        """The poisons of ``job`` in ``[0, 1]`` within eps of ``job.base``, with the facts
+        about the run."""

@@ -25,7 +25,6 @@ fine-tunes or trains end to end.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .._validation import check_int, check_number
 from ..models.features import forward_with_features
-from .base import Attack, Target, ThreatModel, project, register_attack
+from .base import Attack, Crafted, Crafting, project, register_attack
 
 __all__ = ["BullseyePolytope", "bullseye_loss"]
 
@@ -84,25 +83,14 @@ class BullseyePolytope(Attack):
         self.lr = check_number("lr", lr, minimum=0, low_open=True)
         self.tol = check_number("tol", tol, minimum=0)
 
-    def _craft(self, models: list[nn.Module], base: Tensor, target_x: Tensor, target: Target,
-               threat: ThreatModel, *, generator: torch.Generator,
-               progress: bool) -> tuple[Tensor, dict[str, Any]]:
+    def _craft(self, job: Crafting) -> Crafted:
         """Optimise all poisons jointly; see the module docstring for the objective.
 
-        Args:
-            models: Frozen surrogates in eval mode.
-            base: ``(P, C, H, W)`` base images in ``[0, 1]``.
-            target_x: ``(1, C, H, W)`` target image in ``[0, 1]``.
-            target: The target (unused beyond ``target_x``).
-            threat: Gives ``eps`` (out of 255).
-            generator: Unused; the attack is deterministic given its inputs.
-            progress: Show a tqdm bar.
-
-        Returns:
-            ``(poisons, info)``: poisons ``(P, C, H, W)`` in ``[0, 1]`` within eps of ``base``,
-            and ``{"initial_loss", "final_loss", "steps"}``.
+        Deterministic given the job (its generator is not used). ``result`` has
+        ``initial_loss``, ``final_loss`` and ``steps``.
         """
-        eps = threat.eps / 255
+        models, base, target_x, progress = job.models, job.base, job.target_x, job.progress
+        eps = job.threat.eps / 255
         with torch.no_grad():
             target_feats = [forward_with_features(m, target_x)[1].detach() for m in models]
         delta = torch.zeros_like(base, requires_grad=True)
@@ -128,5 +116,5 @@ class BullseyePolytope(Attack):
         poisons = (base + delta).detach()
         with torch.no_grad():
             final = float(bullseye_loss(models, poisons, target_feats))
-        return poisons, {"initial_loss": initial, "final_loss": final, "steps": taken}
+        return Crafted(poisons, {"initial_loss": initial, "final_loss": final, "steps": taken})
 

@@ -37,7 +37,6 @@ become ``(1 - gamma) * b + gamma * t``; the eps constraint still holds around th
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +44,7 @@ from tqdm.auto import tqdm
 
 from .._validation import check_int, check_number
 from ..models.features import feature_dim, forward_with_features
-from .base import Attack, Target, ThreatModel, project, register_attack
+from .base import Attack, Crafted, Crafting, project, register_attack
 
 __all__ = ["FeatureCollision", "collision_loss", "default_beta"]
 
@@ -115,26 +114,15 @@ class FeatureCollision(Attack):
         self.beta = None if beta is None else check_number("beta", beta, minimum=0)
         self.watermark = check_number("watermark", watermark, minimum=0, maximum=1, high_open=True)
 
-    def _craft(self, models: list[nn.Module], base: Tensor, target_x: Tensor, target: Target,
-               threat: ThreatModel, *, generator: torch.Generator,
-               progress: bool) -> tuple[Tensor, dict[str, Any]]:
+    def _craft(self, job: Crafting) -> Crafted:
         """Run forward-backward splitting on all poisons at once.
 
-        Args:
-            models: Frozen surrogates in eval mode.
-            base: ``(P, C, H, W)`` base images in ``[0, 1]``.
-            target_x: ``(1, C, H, W)`` target image in ``[0, 1]``.
-            target: The target (unused beyond ``target_x``).
-            threat: Gives ``eps`` (out of 255).
-            generator: Unused; the attack is deterministic given its inputs.
-            progress: Show a tqdm bar.
-
-        Returns:
-            ``(poisons, info)``: poisons ``(P, C, H, W)`` in ``[0, 1]`` within eps of ``base``;
-            ``info`` has ``initial_loss`` and ``final_loss`` (the feature loss averaged over
-            poisons, at the start and at the returned poisons), ``steps`` and the ``beta`` used.
+        Deterministic given the job (its generator is not used). ``result`` has
+        ``initial_loss`` and ``final_loss`` (the feature loss averaged over poisons, at the
+        start and at the returned poisons), ``steps`` and the ``beta`` used.
         """
-        eps = threat.eps / 255
+        models, base, target_x, progress = job.models, job.base, job.target_x, job.progress
+        eps = job.threat.eps / 255
         beta = self.beta
         if beta is None:
             dim = sum(feature_dim(m) for m in models) / len(models)
@@ -166,8 +154,8 @@ class FeatureCollision(Attack):
             if progress and step % every == 0:
                 bar.set_postfix(loss=f"{float(feat.mean()):.4f}")
         bar.close()
-        return x, {"initial_loss": initial, "final_loss": float(feat.mean()),
-                   "steps": self.steps, "beta": beta}
+        return Crafted(x, {"initial_loss": initial, "final_loss": float(feat.mean()),
+                           "steps": self.steps, "beta": beta})
 
 
 def _evaluate(models: list[nn.Module], x: Tensor, target_feats: list[Tensor], anchor: Tensor,

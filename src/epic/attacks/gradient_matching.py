@@ -41,19 +41,19 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .._device import resolve_device
 from .._errors import EpicError
 from .._validation import check_int
 from ..data import ImageTensors, PoisonedDataset, PoisonSet
 from ..data.augment import random_crop, random_flip
 from .base import (
     Attack,
+    Crafted,
+    Crafting,
     Target,
     ThreatModel,
     as_ensemble,
     project,
     register_attack,
-    select_bases,
     to_poison_set,
 )
 
@@ -422,40 +422,27 @@ class GradientMatching(Attack):
         Raises:
             EpicError: ``retrain_rounds > 0`` without a callback.
         """
-        retrain = self._retrainer(retrain)
-        if retrain is None:
-            return super().craft(models, train, target, threat, seed=seed, device=device,
-                                 progress=progress)
-        dev = resolve_device(device)
-        ensemble = as_ensemble(models, dev)
-        generator = torch.Generator().manual_seed(seed)
-        klass = target.adv_label if threat.poison_class is None else threat.poison_class
-        indices = select_bases(train, klass, threat.count(len(train)), generator=generator)
-        target_x = target.image.to(dev).float().div_(255)[None]
+        job = self._job(models, train, target, threat, seed=seed, device=device,
+                        progress=progress)
+        return self._poison_set(job, self._craft(job, retrain=self._retrainer(retrain)))
 
-        def refresh(poisoned: Tensor) -> tuple[list[nn.Module], list[Gradients]]:
-            fresh = retrained(retrain, train, indices, poisoned, target, threat, len(ensemble),
-                              dev)
-            return fresh, _target_gradients(fresh, target_x, target)
+    def _craft(self, job: Crafting, retrain: Retrain | None = None) -> Crafted:
+        """Match the target's gradient; with ``retrain``, retrain the surrogates at
+        :meth:`retrain_steps` and match the retrained ones' gradients from then on."""
+        refresh: Refresh | None = None
+        if retrain is not None:
+            def refresh(poisoned: Tensor) -> tuple[list[nn.Module], list[Gradients]]:
+                fresh = retrained(retrain, job, poisoned)
+                return fresh, _target_gradients(fresh, job.target_x, job.target)
 
-        base = train.images[indices].to(dev).float().div_(255)
-        poisoned, info = self._craft(ensemble, base, target_x, target, threat,
-                                     generator=generator, progress=progress, refresh=refresh)
-        metadata = {"attack": self.name, "seed": seed, "num_surrogates": len(ensemble),
-                    "poison_class": int(klass), "hyperparameters": self.hyperparameters(),
-                    "result": info}
-        return to_poison_set(train, indices, poisoned, target, threat, metadata)
-
-    def _craft(self, models: list[nn.Module], base: Tensor, target_x: Tensor, target: Target,
-               threat: ThreatModel, *, generator: torch.Generator, progress: bool,
-               refresh: Refresh | None = None) -> tuple[Tensor, dict[str, Any]]:
-        klass = target.adv_label if threat.poison_class is None else threat.poison_class
-        labels = torch.full((base.shape[0],), int(klass), dtype=torch.long, device=base.device)
-        return craft_matching(models, base, labels, _target_gradients(models, target_x, target),
-                              eps=threat.eps / 255, generator=generator, progress=progress,
-                              desc=self.name, refresh=refresh,
-                              refresh_at=self.retrain_steps() if refresh else (),
-                              **self.matching_options())
+        labels = torch.full((len(job.base),), job.poison_class, dtype=torch.long,
+                            device=job.device)
+        poisons, info = craft_matching(
+            job.models, job.base, labels, _target_gradients(job.models, job.target_x, job.target),
+            eps=job.threat.eps / 255, generator=job.generator, progress=job.progress,
+            desc=self.name, refresh=refresh, refresh_at=self.retrain_steps() if refresh else (),
+            **self.matching_options())
+        return Crafted(poisons, info)
 
 
 def _target_gradients(models: list[nn.Module], target_x: Tensor, target: Target
@@ -470,22 +457,21 @@ def _check_retrain(retrain: Any) -> None:
                         f"{type(retrain).__name__}")
 
 
-def retrained(retrain: Retrain, train: ImageTensors, indices: Tensor, poisoned: Tensor,
-              target: Target, threat: ThreatModel, count: int,
-              device: torch.device) -> list[nn.Module]:
-    """``count`` fresh surrogates from ``retrain`` on ``train`` with the poisons ``poisoned``
-    (float images in [0, 1]) in place of the images at ``indices``, in eval mode on ``device``.
+def retrained(retrain: Retrain, job: Crafting, poisoned: Tensor) -> list[nn.Module]:
+    """As many fresh surrogates as ``job`` has, from ``retrain`` on ``job.train`` with the
+    poisons ``poisoned`` (float images in [0, 1]) in place of the bases, in eval mode on the
+    job's device.
 
     Raises:
         EpicError: The callback returned something other than a module.
     """
-    current = to_poison_set(train, indices, poisoned, target, threat, {})
-    split = PoisonedDataset(train, current).to_tensors()
+    current = to_poison_set(job.train, job.indices, poisoned, job.target, job.threat, {})
+    split = PoisonedDataset(job.train, current).to_tensors()
     fresh = []
-    for _ in range(count):
+    for _ in range(len(job.models)):
         model = retrain(split)
         if not isinstance(model, nn.Module):
             raise EpicError(f"the retrain callback must return an nn.Module, got "
                             f"{type(model).__name__}")
         fresh.append(model)
-    return as_ensemble(fresh, device)
+    return as_ensemble(fresh, job.device)

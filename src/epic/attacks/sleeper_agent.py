@@ -24,20 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._device import resolve_device
 from .._errors import EpicError
 from .._validation import check_choice, check_int
 from ..data import ImageTensors, PoisonSet
-from .base import (
-    Target,
-    ThreatModel,
-    as_ensemble,
-    register_attack,
-    select_bases,
-    to_poison_set,
-)
+from .base import Crafted, Crafting, Target, ThreatModel, register_attack
 from .gradient_matching import (
     GradientMatching,
+    Refresh,
     Retrain,
     craft_matching,
     parameter_gradients,
@@ -277,56 +270,50 @@ class SleeperAgent(GradientMatching):
             EpicError: ``retrain_rounds > 0`` without a callback, a source class without
                 training images, a patch larger than the images, or too few poison bases.
         """
-        retrain = self._retrainer(retrain)
-        c, h, w = train.image_shape
-        size = self.patch_size if self.patch_size is not None else max(2, h // 8)
+        _, h, w = train.image_shape
+        size = self._patch_side(h)
         if size > min(h, w):
             raise EpicError(f"patch_size={size} does not fit {h}x{w} images; choose at most "
                             f"{min(h, w)}")
-        source = int(target.label)
-        pool = (train.labels == source).nonzero().squeeze(1)
-        if len(pool) == 0:
-            raise EpicError(f"source class {source} has no training images; choose another "
-                            f"target class")
+        if not bool((train.labels == int(target.label)).any()):
+            raise EpicError(f"source class {target.label} has no training images; choose "
+                            f"another target class")
+        return super().craft(models, train, target, threat, seed=seed, device=device,
+                             progress=progress, retrain=retrain)
 
-        dev = resolve_device(device)
-        ensemble = as_ensemble(models, dev)
-        generator = torch.Generator().manual_seed(seed)
-        klass = target.adv_label if threat.poison_class is None else threat.poison_class
-        indices = select_bases(train, klass, threat.count(len(train)), generator=generator)
-        trigger = make_trigger(size, c, generator, pattern=self.pattern)
+    def _patch_side(self, height: int) -> int:
+        """The trigger's side for images ``height`` pixels high."""
+        return self.patch_size if self.patch_size is not None else max(2, height // 8)
+
+    def _craft(self, job: Crafting, retrain: Retrain | None = None) -> Crafted:
+        """Match the patched source images' gradient (retraining as in
+        :meth:`GradientMatching._craft`); the trigger and sources go to ``extra``."""
+        train, generator = job.train, job.generator
+        size = self._patch_side(train.image_shape[1])
+        source = int(job.target.label)
+        pool = (train.labels == source).nonzero().squeeze(1)
+        trigger = make_trigger(size, train.image_shape[0], generator, pattern=self.pattern)
         pick = pool[torch.randperm(len(pool), generator=generator)[:self.source_batch]].sort()[0]
-        sources = train.images[pick].to(dev).float().div_(255)
+        sources = train.images[pick].to(job.device).float().div_(255)
         sources = apply_trigger(sources, trigger, generator=generator, placement=self.placement)
-        adv = int(target.adv_label)
+        adv = int(job.target.adv_label)
 
         def source_gradients(surrogates: list[nn.Module]) -> list[list[Tensor]]:
             return [parameter_gradients(m, sources, adv, batch_size=self.batch_size)
                     for m in surrogates]
 
-        def refresh(poisoned: Tensor) -> tuple[list[nn.Module], list[list[Tensor]]]:
-            assert retrain is not None
-            fresh = retrained(retrain, train, indices, poisoned, target, threat, len(ensemble),
-                              dev)
-            return fresh, source_gradients(fresh)
+        refresh: Refresh | None = None
+        if retrain is not None:
+            def refresh(poisoned: Tensor) -> tuple[list[nn.Module], list[list[Tensor]]]:
+                fresh = retrained(retrain, job, poisoned)
+                return fresh, source_gradients(fresh)
 
-        base = train.images[indices].to(dev).float().div_(255)
-        labels = train.labels[indices].to(dev)
-        poisoned, info = craft_matching(
-            ensemble, base, labels, source_gradients(ensemble), eps=threat.eps / 255,
-            steps=self.steps, tau=self.tau, restarts=self.restarts, augment=self.augment,
-            flip=self.flip, batch_size=self.batch_size, generator=generator, progress=progress,
-            desc=self.name, refresh=refresh if retrain is not None else None,
-            refresh_at=self.retrain_steps())
-        metadata = {"attack": self.name, "seed": seed, "num_surrogates": len(ensemble),
-                    "poison_class": int(klass), "hyperparameters": self.hyperparameters(),
-                    "result": info, "source_class": source, "placement": self.placement,
-                    "patch_size": size, "source_indices": pick.tolist(),
-                    "trigger": _rounded(trigger.tolist())}
-        return to_poison_set(train, indices, poisoned, target, threat, metadata)
-
-    def _craft(self, models: list[nn.Module], base: Tensor, target_x: Tensor, target: Target,
-               threat: ThreatModel, *, generator: torch.Generator,
-               progress: bool) -> tuple[Tensor, dict[str, Any]]:
-        raise EpicError("sleeper-agent needs the training split for its source images; call "
-                        "craft(models, train, target, threat) instead")
+        labels = train.labels[job.indices].to(job.device)
+        poisons, info = craft_matching(
+            job.models, job.base, labels, source_gradients(job.models),
+            eps=job.threat.eps / 255, generator=generator, progress=job.progress,
+            desc=self.name, refresh=refresh, refresh_at=self.retrain_steps() if refresh else (),
+            **self.matching_options())
+        return Crafted(poisons, info, {"source_class": source, "placement": self.placement,
+                                       "patch_size": size, "source_indices": pick.tolist(),
+                                       "trigger": _rounded(trigger.tolist())})
