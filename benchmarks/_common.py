@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,8 +61,11 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> None:
 
 
 def save(name: str, payload: dict[str, Any], out: str | None = None) -> Path:
-    """Write ``runs/<name>-<timestamp>/result.json`` (or ``out``) atomically; return the path."""
+    """Write ``payload`` to ``runs/<name>-<timestamp>/result.json`` (or ``out``) atomically,
+    with what every result records: ``benchmark`` (``name``), the ``command`` that ran and the
+    ``env`` (:func:`environment`; a payload's own ``env`` wins). Return the path."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(out) if out else Path("runs") / f"{name}-{stamp}" / "result.json"
-    write_json(path, payload)
+    write_json(path, {"benchmark": name, "command": shlex.join(sys.argv), "env": environment(),
+                      **payload})
     return path

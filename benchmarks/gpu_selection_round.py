@@ -139,7 +139,6 @@ def main() -> None:
                                      dim=args.dim)
     _sync(device)
     payload: dict[str, Any] = {
-        "benchmark": "gpu_selection_round",
         "config": {**vars(args), "resolved_device": str(device)},
         "env": environment(),
         "proxies": {"n": args.n, "classes": args.num_classes, "dim": int(proxies.shape[1]),

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, print_table, save, stats, timed  # noqa: E402
+from _common import print_table, save, stats, timed  # noqa: E402
 from epic.selection import EPIC, facility_location, gradient_proxy, objective  # noqa: E402
 from epic.selection.proxy import pairwise_distances  # noqa: E402
 
@@ -177,9 +177,8 @@ def main() -> None:
                  "peak RSS MiB (process so far)"], rows)
     for note in notes:
         print(note)
-    path = save("selection", {"benchmark": "selection", "config": vars(args),
-                              "env": environment(), "results": results, "notes": notes},
-                args.out)
+    path = save("selection", {"config": vars(args), "results": results,
+                              "notes": notes}, args.out)
     print(f"\nwrote {path}")
 
 

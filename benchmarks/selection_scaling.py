@@ -348,7 +348,7 @@ def main() -> None:
             print(f"{r['mode']} {r['optimizer']}: exponent between consecutive sizes: {steps}")
     env = {**environment(), "threads": args.threads,  # what every point ran with
            "load_average_before": load_before, "load_average_after": os.getloadavg()}
-    path = save("selection_scaling", {"benchmark": "selection_scaling", "config": vars(args),
+    path = save("selection_scaling", {"config": vars(args),
                                       "threads": args.threads, "env": env, "results": results},
                 args.out)
     print(f"\nwrote {path}")

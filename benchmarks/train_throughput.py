@@ -284,7 +284,7 @@ def main() -> None:
               f"{last['epoch_seconds_after_drops']:.2f} s on the {last['final_active']:,} left "
               "after the drops")
     config = {**vars(args), "resolved_device": device, "schedule": schedule(args)}
-    path = save("train_throughput", {"benchmark": "train_throughput", "config": config,
+    path = save("train_throughput", {"config": config,
                                      "env": {**environment(), "load_average_before": load_before,
                                              "load_average_after": os.getloadavg()},
                                      "results": results,

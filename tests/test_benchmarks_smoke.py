@@ -177,6 +177,7 @@ def test_poison_clusters_reads_a_transfer_bench(transfer_bench, tmp_path):
     data = run_script("tools/poison_clusters.py", tmp_path, "--bench", str(transfer_bench),
                       "--epochs", "0", "2", "--fractions", "0.1", "0.3")
     assert data["benchmark"] == "poison_clusters"
+    assert "tools/poison_clusters.py --bench" in data["command"] and data["env"]["torch"]
     assert [(r["epoch"], r["fraction"]) for r in data["rows"]] == [
         (0, 0.1), (0, 0.3), (2, 0.1), (2, 0.3)]
     for r in data["rows"]:

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _common import environment, print_table, save  # noqa: E402
+from _common import print_table, save  # noqa: E402
 from epic import EpicError  # noqa: E402
 from epic.evaluation import clean_control, read_results  # noqa: E402
 from epic.evaluation.bench import CLEAN_CONTROL  # noqa: E402
@@ -54,7 +54,7 @@ def main() -> None:
                 [[f"{r['seed']}/{r['trial']}", r["target_index"], r["adv_label"],
                   r["clean_predictions"], f"{r['undefended_hits']}/{r['undefended_runs']}"]
                  for r in explained])
-    path = save("clean_control", {**control, "bench": str(args.bench), "env": environment()},
+    path = save("clean_control", {**control, "bench": str(args.bench)},
                 args.out or str(Path(args.bench) / CLEAN_CONTROL))
     print(f"wrote {path}")
 

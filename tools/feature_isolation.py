@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _bench import open_bench  # noqa: E402
-from _common import environment, print_table, save  # noqa: E402
+from _common import print_table, save  # noqa: E402
 from epic.data import PoisonSet, splice_poisons  # noqa: E402
 from epic.models.features import forward_with_features  # noqa: E402
 from epic.selection import group_isolation  # noqa: E402
@@ -104,9 +104,8 @@ def main() -> None:
                 [[t["trial"], t["group30_flagged"], f"{t['poison_median_percentile']:.3f}",
                   f"{t['poisons_off_label']:.0%}", f"{t['clean_off_label']:.0%}"]
                  for t in trials])
-    path = save("feature_isolation", {"benchmark": "feature_isolation", "rows": rows,
-                                      "trials": trials,
-                                      "bench": str(bench.folder), "env": environment()}, args.out)
+    path = save("feature_isolation", {"rows": rows, "trials": trials,
+                                      "bench": str(bench.folder)}, args.out)
     print(f"wrote {path}")
 
 

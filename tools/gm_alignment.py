@@ -28,7 +28,7 @@ import yaml
 # the environment record, table and JSON output shared with the speed benchmarks
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _bench import open_bench  # noqa: E402
-from _common import environment, print_table, save  # noqa: E402
+from _common import print_table, save  # noqa: E402
 from epic import EpicError  # noqa: E402
 from epic.attacks.gradient_matching import alignment_loss, parameter_gradients  # noqa: E402
 from epic.data import PoisonSet  # noqa: E402
@@ -94,8 +94,8 @@ def main() -> None:
                  "victim: bases", "surrogate p(adv)", "victim p(adv)"], rows)
     print("entries: 1 - cos(target adversarial gradient, poison gradient); lower = aligned")
     config = {**vars(args), "attack": attack, "victim": victim, "seed": seed}
-    path = save("gm_alignment", {"benchmark": "gm_alignment", "config": config,
-                                 "env": environment(), "results": results}, args.out)
+    path = save("gm_alignment", {"config": config, "results": results},
+                args.out)
     print(f"\nwrote {path}")
 
 

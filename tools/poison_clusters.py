@@ -21,7 +21,7 @@ import torch
 
 # the environment record, table and JSON output shared with the speed benchmarks
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _common import environment, print_table, save  # noqa: E402
+from _common import print_table, save  # noqa: E402
 from epic.data import dataset_info  # noqa: E402
 from epic.evaluation import RunConfig, build_model, load_bench_config, prepare_data  # noqa: E402
 from epic.evaluation.bench import TRAIN_KEYS, default_data_root, surrogate_paths  # noqa: E402
@@ -122,9 +122,8 @@ def main() -> None:
     print_table(["epoch", "fraction", "medoids", "clusters with poisons",
                  "clean in them", "poison singletons", "clean singletons",
                  "poisons predicted as target class"], table)
-    path = save("poison_clusters", {"benchmark": "poison_clusters", "rows": rows,
-                                    "args": vars(args), "env": environment(),
-                                    "command": " ".join(sys.argv)}, args.out)
+    path = save("poison_clusters", {"rows": rows, "args": vars(args)},
+                args.out)
     print(f"wrote {path}")
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _bench import open_bench  # noqa: E402
-from _common import environment, print_table, save  # noqa: E402
+from _common import print_table, save  # noqa: E402
 from epic.data import PoisonSet  # noqa: E402
 
 
@@ -71,9 +71,8 @@ def main() -> None:
                 [[r["trial"], f"{r['adv_loss_before']:.2f}", f"{r['poisons_adv_loss']:.2f}",
                   r["poisons_flipped"], f"{r['bases_adv_loss']:.2f}", r["bases_flipped"]]
                  for r in rows])
-    path = save("poisons_alone", {"benchmark": "poisons_alone", "rows": rows,
-                                  "steps": args.steps, "lr": args.lr, "bench": str(bench.folder),
-                                  "env": environment()}, args.out)
+    path = save("poisons_alone", {"rows": rows, "steps": args.steps, "lr": args.lr,
+                                  "bench": str(bench.folder)}, args.out)
     print(f"wrote {path}")
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _common import environment, print_table, save  # noqa: E402
+from _common import print_table, save  # noqa: E402
 from epic import EpicError  # noqa: E402
 from epic.evaluation import RunConfig, execute_run, read_results  # noqa: E402
 from epic.selection import group_isolation  # noqa: E402
@@ -95,9 +95,8 @@ def main() -> None:
                             "rounds": rounds})
     except EpicError as err:
         sys.exit(f"error: {err}")
-    path = save("round_flags", {"benchmark": "round_flags", "trials": results,
-                                "args": vars(args), "env": environment(),
-                                "command": " ".join(sys.argv)}, args.out)
+    path = save("round_flags", {"trials": results, "args": vars(args)},
+                args.out)
     print(f"wrote {path}")
 
 
