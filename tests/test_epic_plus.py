@@ -10,6 +10,7 @@ import torch
 from conftest import small_model
 from epic import EpicError
 from epic.defenses import EpicPlus, create_defense
+from epic.defenses.epic_plus import top_flags
 from epic.selection import GradientProxy, group_isolation, knn_isolation
 from epic.training import TrainConfig, Trainer
 
@@ -111,6 +112,14 @@ def rounds(defense, x, y, flags):
         trainer.active[dropped] = False
         drops.append(set(dropped.tolist()))
     return drops
+
+
+def test_a_round_flags_its_top_scores_but_never_a_zero_score():
+    scores = torch.tensor([0.5, 0.0, 3.0, 0.0, 2.0, 1.0])
+    assert top_flags(scores, 2).nonzero().squeeze(1).tolist() == [2, 4]
+    # a budget wider than the isolated examples: the zeros (fitted, zero gradients) stay
+    assert top_flags(scores, 5).nonzero().squeeze(1).tolist() == [0, 2, 4, 5]
+    assert not top_flags(scores, 0).any()
 
 
 def test_only_isolation_that_persists_drops_and_the_cap_holds():

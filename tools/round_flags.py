@@ -22,11 +22,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _common import print_table, save  # noqa: E402
 from epic import EpicError  # noqa: E402
+from epic.defenses.epic_plus import top_flags  # noqa: E402
 from epic.evaluation import RunConfig, execute_run, read_results  # noqa: E402
 from epic.selection import group_isolation  # noqa: E402
 
@@ -44,8 +43,7 @@ def round_flags(row: dict, workdir: str) -> tuple[dict, list[dict]]:
     for i, rec in enumerate(plus.proxies):
         scores = group_isolation(rec["features"], rec["labels"], k=plus.k,
                                  spread=plus.spread).cpu()
-        flagged = torch.zeros(len(scores), dtype=torch.bool)
-        flagged[scores.topk(int(plus.fraction * len(scores))).indices] = True
+        flagged = top_flags(scores, int(plus.fraction * len(scores)))  # as the round did
         trained = rec["active"].cpu()
         rounds.append({
             "round": i + 1, "epoch": plus.rounds[i]["epoch"],

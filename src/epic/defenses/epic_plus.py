@@ -40,10 +40,20 @@ from ..selection import GradientProxy, group_isolation, knn_isolation
 from .base import register_defense
 from .epic import EpicDefense
 
-__all__ = ["EpicPlus", "SCORES"]
+__all__ = ["EpicPlus", "SCORES", "top_flags"]
 
 SCORES = ("group", "knn")
 _DEFAULT_K = {"group": 30, "knn": 50}
+
+
+def top_flags(scores: torch.Tensor, budget: int) -> torch.Tensor:
+    """The ``(N,)`` mask of one round's flags: the ``budget`` highest ``scores``, except those
+    at zero (a class the model fits gives zero gradients, which never count as isolated)."""
+    flagged = torch.zeros(len(scores), dtype=torch.bool)
+    if budget:
+        top = scores.topk(budget).indices
+        flagged[top[scores[top] > 0]] = True
+    return flagged
 
 
 @register_defense("epic-plus")
@@ -138,10 +148,7 @@ class EpicPlus(EpicDefense):
         else:
             scores = knn_isolation(proxies, labels, k=self.k).cpu()
         budget = self._budget(n)
-        flagged = torch.zeros(n, dtype=torch.bool)
-        if budget:
-            top = scores.topk(budget).indices
-            flagged[top[scores[top] > 0]] = True  # a fitted class's zero gradients never count
+        flagged = top_flags(scores, budget)
         if self.votes is None or len(self.votes) != n:
             self.votes, self.voted = torch.zeros(n, dtype=torch.long), 0
         self.votes += flagged
