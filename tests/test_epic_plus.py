@@ -11,7 +11,7 @@ from conftest import small_model
 from epic import EpicError
 from epic.defenses import EpicPlus, create_defense
 from epic.defenses.epic_plus import top_flags
-from epic.selection import GradientProxy, class_split, group_isolation, knn_isolation
+from epic.selection import GradientProxy, group_isolation, knn_isolation
 from epic.training import TrainConfig, Trainer
 
 
@@ -228,60 +228,3 @@ def test_a_fine_tuning_run_gets_its_first_round_before_any_training_step(digits)
     assert int((~trainer.active).sum()) == int(0.02 * len(train.labels))
     assert plus.patience == 1 and plus.proxy_pass == "training-features"
 
-
-def two_modes(n_per_class=120, planted=48, classes=4, seed=0):
-    """``classes`` broad Gaussian classes of 8 dimensions; class 0's last ``planted`` points
-    form a second mode (the poisons of a large attack: a big share of their class)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.cat([torch.randn(n_per_class, 8, generator=g) + 10 * c for c in range(classes)])
-    y = torch.arange(classes).repeat_interleave(n_per_class)
-    poisons = torch.arange(n_per_class - planted, n_per_class)
-    x[poisons] = torch.randn(planted, 8, generator=g) * 0.5 + torch.tensor([4.0] * 8)
-    return x, y, poisons
-
-
-def test_class_split_finds_a_planted_second_mode_and_explains_more_of_its_class():
-    x, y, poisons = two_modes()
-    r = class_split(x, y)
-    assert r.share.shape == (4,) and r.minority.shape == (len(y),)
-    assert set(r.minority[y == 0].nonzero().squeeze(1).tolist()) == set(poisons.tolist())
-    # the planted class splits far more clearly than any clean one (a Gaussian: about 0.2-0.4)
-    assert float(r.share[0]) > 0.8 and float(r.share[1:].max()) < 0.45
-    # in every class the minority is at most half, and the shares do not depend on the scale
-    for c in range(4):
-        assert int(r.minority[y == c].sum()) <= int((y == c).sum()) // 2
-    scaled = class_split(x * 7 - 3, y)
-    assert torch.allclose(scaled.share, r.share, atol=1e-4)
-    assert torch.equal(scaled.minority, r.minority)
-    # a class of one point, or of identical points, explains nothing
-    y2 = torch.cat([y, torch.tensor([4, 5, 5])])
-    x2 = torch.cat([x, torch.zeros(3, 8)])
-    assert float(class_split(x2, y2).share[4]) == 0 == float(class_split(x2, y2).share[5])
-    with pytest.raises(EpicError, match="points must be an"):
-        class_split(y, y)
-
-
-def test_split_drops_the_second_mode_of_a_standout_class_beyond_the_cap():
-    x, y, poisons = two_modes()
-    vectors = torch.zeros(len(y), 2)
-    plus = EpicPlus(fraction=0.01, patience=1, split=2.0)  # a cap of 4 for 48 poisons
-    trainer = SimpleNamespace(active=torch.ones(len(y), dtype=torch.bool))
-    dropped, fields = plus._decide(trainer, GradientProxy(vectors, x), y)
-    assert fields["split_flagged"] == len(poisons)
-    assert set(poisons.tolist()) <= set(dropped.tolist())
-    assert len(dropped) <= len(poisons) + int(0.01 * len(y))  # the group path keeps its cap
-    # without the split, the cap holds the drops to 4
-    plain = EpicPlus(fraction=0.01, patience=1)
-    dropped, fields = plain._decide(trainer, GradientProxy(vectors, x), y)
-    assert len(dropped) <= 4 and fields["split_flagged"] == 0
-    # no class stands out: nothing flagged by the split
-    clean = torch.cat([torch.randn(120, 8, generator=torch.Generator().manual_seed(c)) + 10 * c
-                       for c in range(4)])
-    quiet = EpicPlus(fraction=0.01, patience=1, split=2.0)
-    _, fields = quiet._decide(trainer, GradientProxy(vectors, clean), y)
-    assert fields["split_flagged"] == 0
-    for bad in (1.0, -2, True):
-        with pytest.raises(EpicError, match="split must be 0"):
-            EpicPlus(split=bad)
-    with pytest.raises(EpicError, match="split compares penultimate features"):
-        EpicPlus(score="knn", proxy="logits", split=2.0)

@@ -26,14 +26,6 @@ three things:
 A pretrained model also gets its first round before its first epoch (``warmup`` 0): a
 fine-tuning run's first epoch at its highest learning rate is enough for the poisons to act.
 
-An optional fourth check (``split``) is for attacks that plant so many poisons in one class
-that they form a second mode of the class rather than a small group
-(:func:`~epic.selection.class_split`). If one class's 2-means split explains far more of its
-variance than the splits of the other classes, the smaller cluster of that class is flagged
-as well. Those flags drop under the same patience. They count towards the cap but are not held
-to it: they come only from a class that stands out, and the smaller cluster is at most half
-of that class.
-
 It works with any schedule, constant learning rate included (rounds then run to the end).
 Once the cap is reached no later round could change what is kept (drops are permanent), so
 the rounds stop there and cost nothing more.
@@ -47,13 +39,7 @@ import torch
 
 from .._errors import EpicError
 from .._validation import check_choice, check_fraction, check_int
-from ..selection import (
-    GradientProxy,
-    SelectionSchedule,
-    class_split,
-    group_isolation,
-    knn_isolation,
-)
+from ..selection import GradientProxy, SelectionSchedule, group_isolation, knn_isolation
 from .base import register_defense
 from .epic import EpicDefense
 
@@ -94,11 +80,6 @@ class EpicPlus(EpicDefense):
             ``spread`` nearest same-class examples when higher (0, the default: off). A
             target's poisons are one group, so the ones the ratios miss sit among the ones
             they catch (:func:`~epic.selection.group_isolation`).
-        split: a class whose 2-means split (in the penultimate features) explains at least
-            ``split`` times the median class's share of variance has its smaller cluster
-            flagged; its drops count towards the cap but may exceed it
-            (:func:`~epic.selection.class_split`; needs ``proxy="last-layer"``). 0 (default)
-            turns it off.
         patience: rounds an example must have been flagged in (and in at least half of the
             rounds so far) before it is dropped. ``None`` (default): 3 when the model trains
             from scratch, 1 when it starts pretrained (``scenario`` transfer or finetune).
@@ -120,7 +101,7 @@ class EpicPlus(EpicDefense):
     name = "epic-plus"
 
     def __init__(self, *, fraction: float = 0.03, score: str = "group", k: int | None = None,
-                 spread: int = 0, split: float = 0.0, patience: int | None = None,
+                 spread: int = 0, patience: int | None = None,
                  warmup: int | None = None, interval: int = 1, until: int | None = None,
                  proxy: str = "last-layer", proxy_pass: str | None = None,
                  proxy_precision: str = "float32", seed: int = 0,
@@ -142,14 +123,6 @@ class EpicPlus(EpicDefense):
             raise EpicError("spread applies to score='group'; pass spread=0 with score='knn'")
         if self.spread > self.k:
             raise EpicError(f"spread must be <= k ({self.k}), got {self.spread}")
-        if not isinstance(split, (int, float)) or isinstance(split, bool) or not (
-                split == 0 or split > 1):
-            raise EpicError(f"split must be 0 (off) or a ratio above 1, got {split!r}")
-        if split and self.proxy != "last-layer":
-            raise EpicError("split compares penultimate features; use proxy='last-layer' or "
-                            "split=0")
-        self.split = float(split)
-        self.split_out: torch.Tensor | None = None  # dropped through the split, not the cap
         self._proxy_pass = proxy_pass  # None: resolved at the start, as patience
         self._warmup_given = warmup
         self._patience = None if patience is None else check_int("patience", patience, minimum=1)
@@ -175,10 +148,8 @@ class EpicPlus(EpicDefense):
 
     def _finished(self, trainer: Any) -> bool:
         """The cap is reached: drops are permanent and none can be added, so a later round
-        would only count votes (skipping it changes nothing but the time). With ``split``
-        on, a round can always add a split drop, so the rounds go on."""
-        return not self.split and int((~trainer.active).sum()) >= self._budget(
-            len(trainer.active))
+        would only count votes (skipping it changes nothing but the time)."""
+        return int((~trainer.active).sum()) >= self._budget(len(trainer.active))
 
     def _decide(self, trainer: Any, proxies: GradientProxy, labels: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -189,37 +160,21 @@ class EpicPlus(EpicDefense):
             scores = knn_isolation(proxies, labels, k=self.k).cpu()
         budget = self._budget(n)
         flagged = top_flags(scores, budget)
-        split = self._split_flags(proxies.features, labels) if self.split else (
-            torch.zeros(n, dtype=torch.bool))
         if self.votes is None or len(self.votes) != n:
             self.votes, self.voted = torch.zeros(n, dtype=torch.long), 0
-            self.split_out = torch.zeros(n, dtype=torch.bool)
-        if self.split_out is None or len(self.split_out) != n:  # a checkpoint from before it
-            self.split_out = torch.zeros(n, dtype=torch.bool)
-        self.votes += flagged | split
+        self.votes += flagged
         self.voted += 1
         out = ~trainer.active.cpu()
-        ready = (self.votes >= self.patience) & (2 * self.votes >= self.voted) & ~out
-        self.split_out |= ready & split  # beyond the cap
-        room = budget - int((out | self.split_out).sum())
-        ready = (ready & ~split).nonzero().squeeze(1)
+        room = budget - int(out.sum())
+        ready = ((self.votes >= self.patience) & (2 * self.votes >= self.voted)
+                 & ~out).nonzero().squeeze(1)
         if room < len(ready):  # the cap: the most often flagged (then most isolated) first
             order = self.votes[ready].double() + scores[ready].double() / (
                 1 + float(scores.max()))
             ready = ready[order.topk(max(room, 0)).indices]
-        drop = torch.cat([(out | self.split_out).nonzero().squeeze(1), ready]).unique()
-        return drop, {"flagged_now": int(flagged.sum()), "split_flagged": int(split.sum()),
-                      "patience": self.patience, "proxy_pass": self.proxy_pass}
-
-    def _split_flags(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(N,) the smaller cluster of every class whose split explains at least ``split``
-        times the median class's share of its variance."""
-        result = class_split(features, labels)
-        share = result.share.cpu()
-        present = torch.bincount(labels.cpu(), minlength=len(share)) > 1
-        median = share[present].median() if bool(present.any()) else torch.tensor(0.0)
-        standout = present & (share >= self.split * median) & (median > 0)
-        return result.minority.cpu() & standout[labels.cpu()]
+        drop = torch.cat([out.nonzero().squeeze(1), ready]).sort().values
+        return drop, {"flagged_now": int(flagged.sum()), "patience": self.patience,
+                      "proxy_pass": self.proxy_pass}
 
     def _group_scores(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """:func:`group_isolation` of the features, reused while they do not change (a frozen
@@ -233,12 +188,9 @@ class EpicPlus(EpicDefense):
         return scores
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "votes": self.votes, "voted": self.voted,
-                "split_out": self.split_out}
+        return {**super().state_dict(), "votes": self.votes, "voted": self.voted}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.votes = None if state.get("votes") is None else state["votes"].cpu()
         self.voted = int(state.get("voted", 0))
-        split_out = state.get("split_out")
-        self.split_out = None if split_out is None else split_out.cpu()

@@ -5,18 +5,16 @@ Imports only torch (and epic's plumbing): never the trainer, data or models.
 
 from .epic import EPIC, SelectionResult
 from .facility import FacilityLocationResult, facility_location, objective
-from .isolation import ClassSplit, class_split, group_isolation, knn_isolation
+from .isolation import group_isolation, knn_isolation
 from .proxy import GradientProxy, gradient_proxy, pairwise_distances
 from .schedule import SelectionSchedule
 
 __all__ = [
     "EPIC",
-    "ClassSplit",
     "FacilityLocationResult",
     "GradientProxy",
     "SelectionResult",
     "SelectionSchedule",
-    "class_split",
     "facility_location",
     "gradient_proxy",
     "group_isolation",

@@ -11,16 +11,9 @@ class's median, fails where a model fits most of a class exactly: the median is 
 feature-space attacks (bullseye polytope, feature collision) leave among penultimate features:
 a poison's nearest same-class neighbours are the other poisons, its ``k``-th is far, or it sits
 among examples of another class.
-
-:func:`class_split` looks at a whole class instead: when an attack plants many poisons in one
-class (dozens per target, a large share of the class), they are no longer a *small* group but a
-second mode of the class. The 2-means split of that class then explains a far larger share of
-its variance than the split of any clean class does.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -29,7 +22,7 @@ from .._errors import EpicError
 from .._validation import check_int, check_labels
 from .proxy import GradientProxy, as_proxy, pairwise_distances
 
-__all__ = ["ClassSplit", "class_split", "group_isolation", "knn_isolation"]
+__all__ = ["group_isolation", "knn_isolation"]
 
 
 def knn_isolation(proxies: Tensor | GradientProxy, labels: Tensor, *, k: int = 10,
@@ -144,87 +137,6 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
         around = score[nbr].masked_fill(~valid, float("nan")).nanmedian(1).values
         score = torch.maximum(score, around.nan_to_num(0.0))
     return score
-
-
-@dataclass(frozen=True)
-class ClassSplit:
-    """The 2-means split of every class (:func:`class_split`).
-
-    Attributes:
-        share: ``(C,)`` share of each class's variance its split explains (between-cluster
-            over total sum of squares, in [0, 1]); 0 for classes absent or of one point.
-            ``C`` is ``labels.max() + 1``.
-        minority: ``(N,)`` bool, the members of the smaller cluster of their class.
-    """
-
-    share: Tensor
-    minority: Tensor
-
-
-def class_split(points: Tensor, labels: Tensor, *, iters: int = 10) -> ClassSplit:
-    """Split every class of ``points`` in two (2-means) and say how clearly it splits.
-
-    Deterministic: a class starts from the best split along its first principal direction
-    (found exactly by sorting the projections), then ``iters`` Lloyd steps refine it in all
-    dimensions. A clean class has one broad mode, and its best split explains a modest share
-    of its variance; a class with a planted second mode (the poisons of a large attack) splits
-    along it and explains much more.
-
-    Args:
-        points: (N, D) vectors, e.g. penultimate features.
-        labels: (N,) integer class labels.
-        iters: Lloyd refinement steps (0: the split along the principal direction only).
-
-    Returns:
-        A :class:`ClassSplit`.
-    """
-    if not isinstance(points, Tensor) or points.ndim != 2 or not points.is_floating_point():
-        raise EpicError("points must be an (N, D) floating-point tensor")
-    n = len(points)
-    if n == 0:
-        raise EpicError("points are empty: there are no examples to score")
-    check_int("iters", iters, minimum=0)
-    labels = check_labels(labels, n, None).to(points.device)
-    share = torch.zeros(int(labels.max()) + 1, device=points.device)
-    minority = torch.zeros(n, dtype=torch.bool, device=points.device)
-    for c in torch.unique(labels).tolist():
-        idx = (labels == c).nonzero().squeeze(1)
-        if len(idx) < 2:
-            continue
-        x = points.index_select(0, idx).float()
-        x = x - x.mean(0)
-        total = x.pow(2).sum()
-        if float(total) <= 0:
-            continue
-        side = _principal_split(x)
-        for _ in range(iters):
-            a, b = x[side].mean(0), x[~side].mean(0)
-            new = (x - a).pow(2).sum(1) < (x - b).pow(2).sum(1)
-            if bool(new.all()) or not bool(new.any()) or torch.equal(new, side):
-                break
-            side = new
-        ka, kb = int(side.sum()), int((~side).sum())
-        between = ka * kb / len(x) * (x[side].mean(0) - x[~side].mean(0)).pow(2).sum()
-        share[c] = between / total
-        minority[idx] = side if ka < kb or (ka == kb and bool(side[0])) else ~side
-    return ClassSplit(share, minority)
-
-
-def _principal_split(x: Tensor) -> Tensor:
-    """(n,) bool: the exact best 2-means split of centred ``x`` projected on its first
-    principal direction (one side True)."""
-    v = torch.linalg.svd(x, full_matrices=False).Vh[0]
-    p = x @ v
-    values, order = p.sort()
-    n = len(p)
-    left = torch.arange(1, n, device=x.device, dtype=p.dtype)  # sizes of the lower part
-    sums = values.cumsum(0)[:-1]
-    total = values.sum()
-    gap = sums / left - (total - sums) / (n - left)
-    cut = int((left * (n - left) * gap.pow(2)).argmax())  # between-cluster sum of squares
-    side = torch.zeros(n, dtype=torch.bool, device=x.device)
-    side[order[cut + 1:]] = True
-    return side
 
 
 def _percentile(x: Tensor) -> Tensor:
