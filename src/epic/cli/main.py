@@ -80,7 +80,8 @@ def train(
     interval: Annotated[int | None, typer.Option(
         help="EPIC: rounds at epochs divisible by T (default 1).")] = None,
     warmup: Annotated[int | None, typer.Option(
-        help="EPIC: no round before this epoch, K (default 1).")] = None,
+        help="EPIC: no round before this epoch, K (default 1; epic-plus: 0 from a "
+             "pretrained model).")] = None,
     until: Annotated[int | None, typer.Option(
         help="EPIC: last epoch with a round (default: the last lr decay).")] = None,
     cluster_threshold: Annotated[int | None, typer.Option(
