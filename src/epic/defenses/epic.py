@@ -96,10 +96,12 @@ class EpicDefense(DropDefense):
         self._capture: FeatureCapture | None = None
 
     def on_train_start(self, trainer: Any) -> None:
-        if self._until is None:
+        until = self._until
+        if until is None:
             decays = trainer.config.milestone_epochs()
-            self.schedule = SelectionSchedule(warmup=self._warmup, interval=self._interval,
-                                              until=decays[-1] if decays else None)
+            until = decays[-1] if decays else None
+        self.schedule = SelectionSchedule(warmup=self._warmup, interval=self._interval,
+                                          until=until)
 
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
         self._unhook()

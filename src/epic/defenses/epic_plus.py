@@ -39,7 +39,7 @@ import torch
 
 from .._errors import EpicError
 from .._validation import check_choice, check_fraction, check_int
-from ..selection import GradientProxy, SelectionSchedule, group_isolation, knn_isolation
+from ..selection import GradientProxy, group_isolation, knn_isolation
 from .base import register_defense
 from .epic import EpicDefense
 
@@ -132,10 +132,8 @@ class EpicPlus(EpicDefense):
         self.voted = 0  # rounds so far
 
     def on_train_start(self, trainer: Any) -> None:
-        if self._warmup_given is None:
+        if self._warmup_given is None:  # the schedule is built from it in super()
             self._warmup = 0 if trainer.config.pretrained else 1
-            self.schedule = SelectionSchedule(warmup=self._warmup, interval=self._interval,
-                                              until=self._until)
         super().on_train_start(trainer)
         if self._patience is None:
             self.patience = 1 if trainer.config.pretrained else 3
