@@ -251,6 +251,20 @@ def test_training_features_pass_predicts_only_the_dropped_and_unhooks(digits):
     assert defense._hook is None and not find_classifier(trainer.model)._forward_hooks
 
 
+def test_each_round_logs_the_pass_it_used(digits):
+    """A round with nothing recorded before it (here: before the first epoch) runs the
+    separate pass and says so; the later ones reuse the training steps' features."""
+    train, _ = digits
+    defense = create_defense("epic", subset_fraction=0.3, warmup=0, interval=1, until=2,
+                             proxy="last-layer", proxy_pass="training-features")
+    trainer = Trainer(small_model(), train, config=TrainConfig(epochs=3, **FAST),
+                      callbacks=[defense])
+    trainer.fit()
+    rounds = [e for e in trainer.events if e["event"] == "selection"]
+    assert [r["proxy_pass"] for r in rounds] == ["separate", "training-features",
+                                                 "training-features"]
+
+
 def test_predict_precision_runs_the_model_in_that_dtype_and_returns_float32(digits):
     train, _ = digits
     trainer = Trainer(small_model(), train, config=TrainConfig(epochs=1, **FAST))

@@ -193,6 +193,7 @@ class EpicDefense(DropDefense):
         # their neighbours becoming the next isolated points once they are gone.
         pool = torch.ones_like(trainer.active)
         idx = pool.nonzero().squeeze(1)
+        used = self.proxy_pass if self._recorded else "separate"  # nothing recorded: a pass
         logits, feats = self._logits(trainer, idx)
         labels = trainer.labels.index_select(0, idx.to(trainer.labels.device))
         proxies = gradient_proxy(logits, labels, feats)
@@ -210,7 +211,7 @@ class EpicDefense(DropDefense):
         if self.permanent:
             keep &= trainer.active
         record = self._drop(trainer, keep, epoch=epoch, started=t0, pool=len(idx), **fields,
-                            flagged=int(dropped.numel()))
+                            flagged=int(dropped.numel()), proxy_pass=used)
         if getattr(trainer.config, "progress", False) and dist.is_main():
             from tqdm.auto import tqdm
 

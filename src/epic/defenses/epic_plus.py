@@ -171,8 +171,7 @@ class EpicPlus(EpicDefense):
                 1 + float(scores.max()))
             ready = ready[order.topk(max(room, 0)).indices]
         drop = torch.cat([out.nonzero().squeeze(1), ready]).sort().values
-        return drop, {"flagged_now": int(flagged.sum()), "patience": self.patience,
-                      "proxy_pass": self.proxy_pass}
+        return drop, {"flagged_now": int(flagged.sum()), "patience": self.patience}
 
     def _group_scores(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """:func:`group_isolation` of the features, reused while they do not change (a frozen
