@@ -44,7 +44,7 @@ __all__ = ["RunConfig", "build_model", "execute_run", "load_splits", "model_spec
            "prepare_data", "pretrain", "resolved_train_config", "run_training"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a training run needs; ``None`` fields take the dataset's or library defaults.
 
@@ -98,9 +98,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.train, TrainConfig):
-            self.train = TrainConfig.from_dict(self.train)
+            object.__setattr__(self, "train", TrainConfig.from_dict(self.train))
         if self.defense is not None:
-            self.defense = DefenseSpec.parse(self.defense)
+            object.__setattr__(self, "defense", DefenseSpec.parse(self.defense))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
