@@ -49,6 +49,17 @@ def test_help_lists_the_commands():
         assert command in out
 
 
+def test_the_command_line_starts_without_torchvision():
+    """torchvision takes seconds to import; `epic --help` and bad input should not wait."""
+    code = ("import sys, epic.cli.main, epic.data; "
+            "assert 'torchvision' not in sys.modules; "
+            "assert 'cifar10' in epic.data.list_datasets(); "
+            "assert 'torchvision' in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_list_reads_the_registries(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["list", "models", "resnet*"])

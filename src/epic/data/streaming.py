@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -48,6 +47,8 @@ def read_image(path: str | Path, size: tuple[int, int] | None = None) -> torch.T
         h, w = size
         scale = max(h / rgb.height, w / rgb.width)
         covering = [max(h, round(rgb.height * scale)), max(w, round(rgb.width * scale))]
+        import torchvision.transforms.functional as TF  # here: `import epic` stays light
+
         rgb = TF.center_crop(TF.resize(rgb, covering, antialias=True), [h, w])
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
 
