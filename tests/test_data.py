@@ -387,3 +387,12 @@ def test_imagefolder_unreadable_image(tmp_path: Path) -> None:
     (tmp_path / "train" / "cat" / "broken.png").write_bytes(b"not an image")
     with pytest.raises(EpicError, match="cannot read image .*broken.png"):
         load_split("imagefolder", tmp_path, train=True)
+
+
+def test_every_public_name_of_the_data_package_resolves():
+    """The dataset names load lazily (no torchvision at `import epic`); each must still resolve."""
+    import epic.data
+
+    missing = [name for name in epic.data.__all__ if not hasattr(epic.data, name)]
+    assert missing == []
+    assert set(epic.data.__all__) <= set(dir(epic.data))
