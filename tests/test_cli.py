@@ -28,6 +28,16 @@ def run_cli(*args: str) -> tuple[int, str]:
     return proc.returncode, proc.stdout + proc.stderr
 
 
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    """The command line in this process (no ~9 s of imports per call): exit code and output."""
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:  # typer's usage errors, and the commands' own exits
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
 @pytest.fixture
 def poison_file(digits, tmp_path):
     train, test = digits
@@ -84,12 +94,8 @@ def test_list_reads_the_registries(capsys):
     (["train", "--proxy-precision", "half"], "unknown value 'half' for proxy_precision"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
-    try:  # in process: the entry point's own handling (one subprocess test below)
-        code = main([*args, "--out", str(tmp_path / "run")])
-    except SystemExit as exit_:  # typer's usage errors
-        code = exit_.code
-    captured = capsys.readouterr()
-    out = captured.out + captured.err
+    # in process: the entry point's own handling (one subprocess test below)
+    code, out = run_main(capsys, *args, "--out", str(tmp_path / "run"))
     assert code == 2, out
     assert "Traceback" not in out
     lines = [line for line in out.splitlines() if line.strip()]
@@ -236,29 +242,29 @@ def test_option_builds_every_defense_and_unset_training_flags_stay_unset(name, m
     assert cfg.train == TrainConfig(epochs=2)  # the rest are the library's defaults
 
 
-@pytest.mark.slow
-def test_a_benchmark_folder_without_eps_asks_for_the_flag_that_exists(tmp_path, poison_file):
+def test_a_benchmark_folder_without_eps_asks_for_the_flag_that_exists(tmp_path, poison_file,
+                                                                     capsys):
     folder = PoisonSet.load(poison_file)
     folder = PoisonSet(folder.base_indices, folder.images, folder.labels, folder.target_image,
                        folder.target_label, folder.adv_label, None, folder.target_index)
     bench = folder.save(tmp_path / "trial", format="benchmark")
     common = ("train", "--defense", "none", "--epochs", "1", "--poisons", str(bench),
               "--no-progress")
-    code, out = run_cli(*common, "--out", str(tmp_path / "a"))
+    code, out = run_main(capsys, *common, "--out", str(tmp_path / "a"))
     assert code == 2 and "--eps" in out and "Traceback" not in out, out
-    code, out = run_cli(*common, "--eps", "8", "--out", str(tmp_path / "b"))
+    code, out = run_main(capsys, *common, "--eps", "8", "--out", str(tmp_path / "b"))
     assert code == 0 and "poisons dropped: 0/5" in out, out
 
 
-@pytest.mark.slow
-def test_option_reaches_any_defense_and_unset_flags_keep_library_defaults(tmp_path):
-    code, out = run_cli("train", "--defense", "random-drop", "--option", "count=7",
-                        "--epochs", "1", "--no-progress", "--out", str(tmp_path / "r"))
+def test_option_reaches_any_defense_and_unset_flags_keep_library_defaults(tmp_path, capsys):
+    code, out = run_main(capsys, "train", "--defense", "random-drop", "--option", "count=7",
+                         "--epochs", "1", "--no-progress", "--out", str(tmp_path / "r"))
     assert code == 0, out
     config = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert config["defense"] == {"name": "random-drop", "options": {"count": 7}}
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["clean_dropped"] == 7
-    code, out = run_cli("train", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "e"))
+    code, out = run_main(capsys, "train", "--epochs", "1", "--no-progress",
+                         "--out", str(tmp_path / "e"))
     assert code == 0, out
     config = yaml.safe_load((tmp_path / "e" / "config.yaml").read_text())
     assert config["defense"] == {"name": "epic", "options": {}}
