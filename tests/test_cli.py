@@ -5,16 +5,19 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
 
 import pytest
 import torch
+import typer
 import yaml
 
 from epic import DefenseSpec, EpicError
 from epic.cli import main
+from epic.cli.main import app
 from epic.data import PoisonSet
 from epic.defenses import DEFENSES, list_defenses
 from epic.evaluation import RunConfig, run_training
@@ -270,3 +273,18 @@ def test_option_reaches_any_defense_and_unset_flags_keep_library_defaults(tmp_pa
     assert config["defense"] == {"name": "epic", "options": {}}
     # every training option the command was not given is the library's default
     assert config["train"] == TrainConfig(epochs=1, progress=False, augment="none").to_dict()
+
+
+def test_the_defaults_that_train_help_states_are_the_librarys():
+    """The EPIC flags pass ``None`` so that the library's defaults rule; their help states
+    those defaults in words, which must not drift from the signature (they once did)."""
+    train = typer.main.get_command(app).commands["train"]
+    params = inspect.signature(DEFENSES.get("epic")).parameters
+    stated = {}
+    for p in train.params:
+        found = re.search(r"[Dd]efault ([\w.]+)[;).]", p.help or "")  # a value, not words
+        if (p.help or "").startswith("EPIC") and found and p.name in params:
+            stated[p.name] = found.group(1)
+    assert len(stated) == 7, stated  # every EPIC flag but --until ("the last lr decay")
+    for name, text in stated.items():
+        assert text == str(params[name].default), (name, text, params[name].default)
