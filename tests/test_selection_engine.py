@@ -2,8 +2,8 @@
 
 Facility location with the matrix in memory keeps every candidate's gain exact by incremental
 updates, over windows of columns along a line, taking several disjoint candidates at once; these
-tests hold it to a brute-force greedy and to the lazy on-the-fly path, on data without ties
-(float64), and check the plumbing around it (input order, reused storage, the line's bound).
+tests hold it to a brute-force greedy and to the lazy on-the-fly path, on data without accidental
+ties (float64), and check the plumbing around it (input order, reused storage, the line's bound).
 """
 
 from __future__ import annotations
@@ -79,13 +79,27 @@ def test_exact_greedy_picks_the_textbook_greedy_medoids(seed, batch_size):
 def test_exact_greedy_matches_the_lazy_on_the_fly_path():
     x = clustered(700, 4, seed=5)
     x = x + 1e-3 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0),
-                               dtype=x.dtype)  # no exact ties: both paths must agree exactly
+                               dtype=x.dtype)
     full = facility_location(x, 90, optimizer="lazy")
     onthefly = facility_location(x, 90, optimizer="lazy", memory_mb=0.5)  # 3.9 MB don't fit
-    assert torch.equal(full.medoids, onthefly.medoids)
-    assert torch.equal(full.assignment, onthefly.assignment)
-    assert torch.allclose(full.min_dist, onthefly.min_dist, atol=1e-9)
+    # Noise breaks accidental ties but not symmetric ones: two far points closer to each other
+    # than to any medoid gain exactly m_a + m_b - d(a, b) each, and the two paths' roundings
+    # may pick either first (seen on an Intel AVX512 CPU at step 65 of this data).
+    d = pairwise_distances(x, x)
+    d.fill_diagonal_(0)
+    for res in (full, onthefly):
+        assert_greedy(x, res.medoids, res.gains)
+        nearest = d[:, res.medoids]
+        assert torch.allclose(res.min_dist, nearest.min(1).values, atol=1e-9)
+        assert torch.allclose(nearest.gather(1, res.assignment[:, None]).squeeze(1),
+                              res.min_dist, atol=1e-9)
+    assert objective(x, full.medoids) == pytest.approx(objective(x, onthefly.medoids), rel=1e-12)
+    differ = (full.medoids != onthefly.medoids).nonzero()
+    same = int(differ[0]) if len(differ) else len(full.medoids)
+    assert same >= 60  # they part, if at all, only at a tie late in the run
     assert torch.allclose(full.gains, onthefly.gains, rtol=1e-5, atol=1e-6)
+    if same == len(full.medoids):
+        assert torch.equal(full.assignment, onthefly.assignment)
 
 
 def test_exact_greedy_on_float32_proxies_reaches_the_float64_greedy_objective():
