@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 from conftest import small_model
 from epic import EpicError
 from epic.defenses import EpicPlus, create_defense
-from epic.defenses.epic_plus import top_flags
+from epic.defenses.epic_plus import concentrated_class, stem_isolation, top_flags
+from epic.models import StemReached, capture_stem_stats, create_model, find_stem
 from epic.selection import GradientProxy, group_isolation, knn_isolation
 from epic.training import TrainConfig, Trainer
 
@@ -228,3 +230,90 @@ def test_a_fine_tuning_run_gets_its_first_round_before_any_training_step(digits)
     assert int((~trainer.active).sum()) == int(0.02 * len(train.labels))
     assert plus.patience == 1 and plus.proxy_pass == "training-features"
 
+
+
+def test_concentrated_class_is_the_class_its_top_scores_over_represent_beyond_chance():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(2000) % 10
+    scores = torch.rand(2000, generator=g)
+    assert concentrated_class(scores, y) is None  # top 1% (20) spread over the classes
+    planted_ = (y == 3).nonzero().squeeze(1)[:15]
+    scores[planted_] += 1  # 15 of the top 20 in class 3, where chance puts 2
+    assert concentrated_class(scores, y) == 3
+    # as many outliers spread over all classes are natural, not a target's
+    spread = torch.rand(2000, generator=g)
+    spread[torch.arange(0, 150, 10) + torch.arange(15) % 10] += 1
+    assert concentrated_class(spread, y) is None
+    # a class that is most of the set is not over-represented by holding most of the top
+    skewed = torch.cat([torch.zeros(1800), torch.ones(200)]).long()
+    assert concentrated_class(torch.rand(2000, generator=g), skewed) is None
+
+
+def test_stem_isolation_ranks_a_group_of_another_texture_first_within_its_class():
+    g = torch.Generator().manual_seed(1)
+    stats = torch.randn(2000, 8, generator=g)
+    y = torch.arange(2000) % 4
+    poisons = (y == 2).nonzero().squeeze(1)[:20]
+    stats[poisons] += torch.randn(20, 8, generator=g) * 2 + 6  # textures the class lacks
+    s = stem_isolation(stats, y, k=10)
+    assert s.shape == (2000,) and float(s.max()) == 1.0 and float(s.min()) > 0
+    assert set(s.topk(20).indices.tolist()) == set(poisons.tolist())
+    assert concentrated_class(s, y) == 2  # the top 1% (20) all in class 2: p = 0.25^20
+    # the same count in a set too small for it to be unlikely by chance: no class
+    assert concentrated_class(s[:400], y[:400]) is None
+
+
+def test_stem_statistics_are_the_rectified_first_convolutions_channel_mean_and_spread():
+    model = small_model().eval()
+    x = torch.rand(5, 1, 8, 8)
+    stem = find_stem(model)
+    assert isinstance(stem, torch.nn.BatchNorm2d)  # the norm right after the first conv
+    with torch.no_grad(), capture_stem_stats(model) as cap:
+        model(x)
+        model(x[:2])
+    with torch.no_grad():  # by hand, outside the hook: normalise, conv, norm, rectify
+        net = model.net if hasattr(model, "net") else model
+        a = net.features[1](net.features[0](model.normalize(x) if hasattr(model, "normalize")
+                                             else x)).clamp(min=0).flatten(2)
+    stats = cap.stats()
+    assert stats.shape == (7, 2 * a.shape[1])  # both passes, in call order
+    assert torch.allclose(stats[:5], torch.cat([a.mean(2), a.std(2)], 1), atol=1e-5)
+    assert torch.allclose(stats[5:], stats[:2], atol=1e-6)
+    with torch.no_grad(), capture_stem_stats(model, stop=True) as cap:  # first layer only
+        with pytest.raises(StemReached):
+            model(x)
+    assert torch.allclose(cap.stats(), stats[:5], atol=1e-6)
+    mlp = create_model("mlp", num_classes=10, in_channels=1, image_size=8)
+    assert find_stem(mlp) is None
+    with capture_stem_stats(mlp) as cap:
+        mlp(x)
+    assert cap.stats() is None
+
+
+@pytest.mark.parametrize("scenario", ["scratch", "transfer"])
+def test_epic_plus_auto_adds_texture_in_the_class_that_a_large_perturbation_marks(
+        digits, scenario):
+    """13 images of class 0 with +-0.5 noise (like a large-eps attack on one target's
+    poisons): ``stem="auto"`` finds their class in every round and drops most of them;
+    ``"never"`` ranks penultimate features only, where they do not stand out. In transfer
+    the frozen extractor's statistics come from one pass stopped at the first layer."""
+    train, _ = digits
+    g = torch.Generator().manual_seed(0)
+    noisy = (train.labels == 0).nonzero().squeeze(1)[:13]
+    images = train.images.clone()
+    noise = (torch.randint(0, 2, (13, *images.shape[1:]), generator=g) * 2 - 1) * 128
+    images[noisy] = (images[noisy].int() + noise).clamp(0, 255).to(images.dtype)
+    marked = dataclasses.replace(train, images=images)
+    dropped = {}
+    for mode in ("auto", "never"):
+        plus = create_defense("epic-plus", fraction=0.02, stem=mode)
+        trainer = Trainer(small_model(), marked, callbacks=[plus], config=TrainConfig(
+            epochs=5, batch_size=64, lr=0.05, augment="none", progress=False,
+            scenario=scenario))
+        trainer.fit()
+        dropped[mode] = int((~trainer.active[noisy]).sum())
+        if mode == "auto":
+            assert {r["stem_class"] for r in plus.rounds} == {0}
+    assert dropped["auto"] >= 7 and dropped["never"] <= 2  # measured: 8 (9 transfer), 0
+    with pytest.raises(EpicError, match="stem"):
+        EpicPlus(stem="on")

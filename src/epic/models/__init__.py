@@ -11,9 +11,13 @@ from .checkpoint import load_model, read_model_spec, save_model
 from .convnet import MLP, ConvNet
 from .features import (
     FeatureCapture,
+    StemCapture,
+    StemReached,
     capture_features,
+    capture_stem_stats,
     feature_dim,
     find_classifier,
+    find_stem,
     forward_with_features,
 )
 from .normalize import Normalized
@@ -28,11 +32,15 @@ __all__ = [
     "ConvNet",
     "FeatureCapture",
     "Normalized",
+    "StemCapture",
+    "StemReached",
     "ResNet",
     "capture_features",
+    "capture_stem_stats",
     "create_model",
     "feature_dim",
     "find_classifier",
+    "find_stem",
     "forward_with_features",
     "list_models",
     "load_model",

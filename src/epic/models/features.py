@@ -23,9 +23,13 @@ from .normalize import Normalized
 
 __all__ = [
     "FeatureCapture",
+    "StemCapture",
+    "StemReached",
     "capture_features",
+    "capture_stem_stats",
     "feature_dim",
     "find_classifier",
+    "find_stem",
     "forward_with_features",
 ]
 
@@ -147,3 +151,63 @@ def forward_with_features(model: nn.Module, x: torch.Tensor,
 def feature_dim(model: nn.Module, layer: str | None = None) -> int:
     """Size ``D`` of the penultimate feature vector (``in_features`` of the classifier)."""
     return find_classifier(model, layer).in_features
+
+
+def find_stem(model: nn.Module) -> nn.Module | None:
+    """The module whose output is the first convolution's response: the first
+    ``nn.BatchNorm2d`` when it directly follows the first ``nn.Conv2d`` in
+    ``model.modules()`` order, else that convolution; ``None`` for a model without one."""
+    mods = list(model.modules())
+    for i, m in enumerate(mods):
+        if isinstance(m, nn.Conv2d):
+            nxt = mods[i + 1] if i + 1 < len(mods) else None
+            return nxt if isinstance(nxt, nn.BatchNorm2d) else m
+    return None
+
+
+class StemReached(Exception):
+    """Raised by :func:`capture_stem_stats` with ``stop=True`` once the statistics are
+    recorded, to skip the rest of the forward pass."""
+
+
+class StemCapture:
+    """What :func:`capture_stem_stats` yields: the per-example statistics of every forward
+    pass run inside the block, in call order (``rows``: a list of ``(B, 2C)`` tensors)."""
+
+    def __init__(self, module: nn.Module | None) -> None:
+        self.module = module
+        self.rows: list[torch.Tensor] = []
+
+    def stats(self) -> torch.Tensor | None:
+        """``(N, 2C)`` float32 statistics of all recorded examples, or ``None``."""
+        return torch.cat(self.rows) if self.rows else None
+
+
+@contextmanager
+def capture_stem_stats(model: nn.Module, *, stop: bool = False) -> Iterator[StemCapture]:
+    """Record, for every example of every forward pass inside the block, the mean and the
+    standard deviation over positions of each channel of the rectified first-convolution
+    response (:func:`find_stem`): the image's low-level texture as the model sees it.
+
+    With ``stop=True`` the hook raises :class:`StemReached` right after recording, so a pass
+    that only needs these statistics costs one convolution. A model without a convolution
+    records nothing. The hook is removed on exit.
+    """
+    stem = find_stem(model)
+    capture = StemCapture(stem)
+    if stem is None:
+        yield capture
+        return
+
+    def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        with torch.no_grad():
+            a = output.detach().float().clamp(min=0).flatten(2)
+            capture.rows.append(torch.cat([a.mean(2), a.std(2)], 1))
+        if stop:
+            raise StemReached
+
+    handle = stem.register_forward_hook(hook)
+    try:
+        yield capture
+    finally:
+        handle.remove()
