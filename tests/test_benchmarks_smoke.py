@@ -242,3 +242,32 @@ def test_clean_control_trains_clean_victims_and_predicts_every_target(transfer_b
         assert "net of clean-explained" in text
     finally:
         (transfer_bench / "clean_control.json").unlink()
+
+
+@pytest.mark.slow
+def test_stem_texture_reads_a_transfer_bench(transfer_bench, tmp_path):
+    data = run_script("tools/stem_texture.py", tmp_path, "--bench", str(transfer_bench),
+                      "--top", "0.1")
+    assert data["benchmark"] == "stem_texture"
+    (row,) = data["rows"]
+    assert row["poisons"] == 5 and row["log10_tail"] <= 0
+    for key in ("texture", "group", "epic-plus"):
+        assert 0 <= row[key] <= 5
+
+
+def test_stem_texture_class_test_is_epic_plus_concentrated_class():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from epic.defenses.epic_plus import concentrated_class
+    from stem_texture import class_test
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(3000) % 10
+    for planted in (0, 5, 12, 25):  # of the top 1% (30) put in class 4
+        scores = torch.rand(3000, generator=g)
+        scores[(labels == 4).nonzero().squeeze(1)[:planted]] += 1
+        named, count, tail = class_test(scores, labels)
+        fired = concentrated_class(scores, labels)
+        assert (tail < -5) == (fired is not None), planted
+        if fired is not None:
+            assert named == fired == 4 and count >= planted
+        assert (fired is None) == (planted <= 5), planted  # chance puts 3 there
