@@ -165,7 +165,8 @@ class EpicPlus(EpicDefense):
             beyond chance (:func:`concentrated_class`): a large perturbation on one target's
             poisons, all of one label; ``"always"``: in every class; ``"never"``. The statistics
             come from the separate pass (a round that reuses the training steps' features
-            reuses the last pass's; a frozen extractor's are computed once).
+            reuses the last pass's; a frozen extractor's are computed once, except from
+            streamed images, where only the group score runs).
         seed: unused (the rule is deterministic); accepted so runs can pass their seed.
     """
 
