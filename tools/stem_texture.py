@@ -29,27 +29,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _bench import open_bench  # noqa: E402
 from _common import print_table, save  # noqa: E402
 from epic.data import PoisonSet, splice_poisons  # noqa: E402
-from epic.defenses.epic_plus import stem_isolation  # noqa: E402
+from epic.defenses.epic_plus import (  # noqa: E402
+    class_concentration,
+    stem_isolation,
+    with_texture,
+)
 from epic.models import capture_stem_stats, forward_with_features  # noqa: E402
 from epic.selection import group_isolation  # noqa: E402
 
 
-def class_test(texture: torch.Tensor, labels: torch.Tensor, top: float = 0.01
-               ) -> tuple[int, int, float]:
-    """(class, its count among the top ``top`` share, log10 of its binomial tail) for the
-    class with the smallest tail, as ``concentrated_class`` ranks them."""
-    n = len(texture)
-    m = max(1, round(top * n))
-    sizes = torch.bincount(labels).double()
-    counts = torch.bincount(labels[texture.topk(m).indices], minlength=len(sizes))
-    best = (-1, 0, 0.0)
-    for c in counts.nonzero().squeeze(1).tolist():
-        ks = torch.arange(int(counts[c]), m + 1, dtype=torch.float64)
-        tail = float(torch.distributions.Binomial(m, probs=sizes[c] / n).log_prob(ks)
-                     .logsumexp(0)) / math.log(10)
-        if tail < best[2]:
-            best = (c, int(counts[c]), tail)
-    return best
+def class_test(texture: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, float]:
+    """(class, its count among the top 1%, log10 of its binomial tail) for the class with the
+    smallest tail (:func:`~epic.defenses.epic_plus.class_concentration`); (-1, 0, 0.0) if
+    none."""
+    found = class_concentration(texture, labels)
+    return (-1, 0, 0.0) if found is None else (found[0], found[1], found[2] / math.log(10))
 
 
 def view(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,10 +82,7 @@ def main() -> None:
         stats, feats = view(model, poisoned.images)
         texture, group = stem_isolation(stats, labels), group_isolation(feats, labels, k=30)
         named, count, tail = class_test(texture, labels)
-        used = group.clone()
-        if tail < -5:  # concentrated_class's alpha, 1e-5
-            own = labels == named
-            used[own] = torch.maximum(group[own], texture[own])
+        used, _ = with_texture(group, texture, labels)  # what epic-plus ranks by default
         flagged = int(round(args.top * len(labels)))
         caught = {k: int(is_poison[s.topk(flagged).indices].sum())
                   for k, s in (("texture", texture), ("group", group), ("epic-plus", used))}

@@ -48,12 +48,12 @@ from .. import _distributed as dist
 from .._errors import EpicError
 from .._validation import check_choice, check_fraction, check_int
 from ..models.features import StemReached, capture_stem_stats
-from ..selection import GradientProxy, group_isolation, knn_isolation
+from ..selection import GradientProxy, group_isolation, knn_isolation, percentile_rank
 from .base import register_defense
 from .epic import EpicDefense
 
-__all__ = ["EpicPlus", "SCORES", "STEM_MODES", "concentrated_class", "stem_isolation",
-           "top_flags"]
+__all__ = ["EpicPlus", "SCORES", "STEM_MODES", "class_concentration", "concentrated_class",
+           "stem_isolation", "top_flags", "with_texture"]
 
 SCORES = ("group", "knn")
 _DEFAULT_K = {"group": 30, "knn": 50}
@@ -65,31 +65,57 @@ def stem_isolation(stats: torch.Tensor, labels: torch.Tensor, *, k: int = 10) ->
     same-class example in standardised first-layer statistics (:func:`capture_stem_stats`):
     a perturbation large enough to poison leaves a texture its class does not have."""
     z = (stats - stats.mean(0)) / stats.std(0).clamp(min=1e-6)
-    d = knn_isolation(z, labels, k=k)
-    ranks = torch.empty_like(d)
-    ranks[d.argsort(stable=True)] = torch.arange(1, len(d) + 1, dtype=d.dtype) / len(d)
-    return ranks
+    return percentile_rank(knn_isolation(z, labels, k=k))
 
 
-def concentrated_class(scores: torch.Tensor, labels: torch.Tensor, *, top: float = 0.01,
-                       alpha: float = 1e-5) -> int | None:
-    """The class that the ``top`` share of ``scores`` over-represents beyond chance, or
-    ``None``: the one-sided binomial tail of its count among the top, given its share of the
-    set, is below ``alpha``. One target's poisons all carry one label; the natural outliers
-    of a clean set spread over the classes."""
+def class_concentration(scores: torch.Tensor, labels: torch.Tensor, *, top: float = 0.01
+                        ) -> tuple[int, int, float] | None:
+    """The class most over-represented among the ``top`` share of ``scores``: ``(class, its
+    count there, natural log of the one-sided binomial tail of that count given the class's
+    share of the set)``; ``None`` when the top is the whole set."""
     n = len(scores)
     m = max(1, round(top * n))
     if n == 0 or m >= n:
         return None
     sizes = torch.bincount(labels, minlength=int(labels.max()) + 1).double()
     counts = torch.bincount(labels[scores.topk(m).indices], minlength=len(sizes))
-    best, best_log = None, math.log(alpha)
+    best = None
     for c in counts.nonzero().squeeze(1).tolist():
         ks = torch.arange(int(counts[c]), m + 1, dtype=torch.float64)
-        tail = torch.distributions.Binomial(m, probs=sizes[c] / n).log_prob(ks).logsumexp(0)
-        if float(tail) < best_log:
-            best, best_log = c, float(tail)
+        tail = float(torch.distributions.Binomial(m, probs=sizes[c] / n).log_prob(ks)
+                     .logsumexp(0))
+        if best is None or tail < best[2]:
+            best = (c, int(counts[c]), tail)
     return best
+
+
+def concentrated_class(scores: torch.Tensor, labels: torch.Tensor, *, top: float = 0.01,
+                       alpha: float = 1e-5) -> int | None:
+    """The class that the ``top`` share of ``scores`` over-represents beyond chance, or
+    ``None``: the one-sided binomial tail of its count among the top, given its share of the
+    set, is below ``alpha`` (:func:`class_concentration`). One target's poisons all carry one
+    label; the natural outliers of a clean set spread over the classes."""
+    found = class_concentration(scores, labels, top=top)
+    return found[0] if found is not None and found[2] < math.log(alpha) else None
+
+
+def with_texture(scores: torch.Tensor, texture: torch.Tensor, labels: torch.Tensor,
+                 mode: str = "auto") -> tuple[torch.Tensor, int | None]:
+    """``scores`` with the texture rank ``texture`` (:func:`stem_isolation`) folded in as
+    ``epic-plus``'s ``stem`` option ``mode`` does, and the class the test named (``"auto"``):
+    the larger of the two in every class (``"always"``), in the :func:`concentrated_class`
+    only (``"auto"``), or nowhere (``"never"``)."""
+    if mode == "never":
+        return scores, None
+    if mode == "always":
+        return torch.maximum(scores, texture), None
+    named = concentrated_class(texture, labels)
+    if named is None:
+        return scores, None
+    own = labels == named
+    out = scores.clone()
+    out[own] = torch.maximum(scores[own], texture[own])
+    return out, named
 
 
 def _stem_pass(trainer: Any, idx: torch.Tensor) -> torch.Tensor | None:
@@ -246,15 +272,9 @@ class EpicPlus(EpicDefense):
             scores = knn_isolation(proxies, labels, k=self.k).cpu()
         stem_class = None
         if self.stem != "never" and self._stem_stats is not None and len(self._stem_stats) == n:
-            texture, labs = stem_isolation(self._stem_stats, labels.cpu()), labels.cpu()
-            if self.stem == "always":
-                scores = torch.maximum(scores, texture)
-            else:
-                stem_class = concentrated_class(texture, labs)
-                if stem_class is not None:
-                    own = labs == stem_class
-                    scores = scores.clone()
-                    scores[own] = torch.maximum(scores[own], texture[own])
+            labs = labels.cpu()
+            scores, stem_class = with_texture(scores, stem_isolation(self._stem_stats, labs),
+                                              labs, self.stem)
         budget = self._budget(n)
         flagged = top_flags(scores, budget)
         if self.votes is None or len(self.votes) != n:

@@ -5,7 +5,7 @@ Imports only torch (and epic's plumbing): never the trainer, data or models.
 
 from .epic import EPIC, SelectionResult
 from .facility import FacilityLocationResult, facility_location, objective
-from .isolation import group_isolation, knn_isolation
+from .isolation import group_isolation, knn_isolation, percentile_rank
 from .proxy import GradientProxy, gradient_proxy, pairwise_distances
 from .schedule import SelectionSchedule
 
@@ -21,4 +21,5 @@ __all__ = [
     "knn_isolation",
     "objective",
     "pairwise_distances",
+    "percentile_rank",
 ]

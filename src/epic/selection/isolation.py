@@ -22,7 +22,7 @@ from .._errors import EpicError
 from .._validation import check_int, check_labels
 from .proxy import GradientProxy, as_proxy, pairwise_distances
 
-__all__ = ["group_isolation", "knn_isolation"]
+__all__ = ["group_isolation", "knn_isolation", "percentile_rank"]
 
 
 def knn_isolation(proxies: Tensor | GradientProxy, labels: Tensor, *, k: int = 10,
@@ -129,7 +129,7 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
     tiny = torch.finfo(torch.float32).tiny
     group = dk / dn.clamp(min=tiny)
     foreign = dk / ak.clamp(min=tiny)
-    score = torch.maximum(_percentile(group), _percentile(foreign)).masked_fill_(alone, 0.0)
+    score = torch.maximum(percentile_rank(group), percentile_rank(foreign)).masked_fill_(alone, 0.0)
     if spread:
         nbr = torch.cat(own_idx)  # (N, spread); past the class size the entries are others
         valid = torch.arange(nbr.shape[1], device=nbr.device)[None, :] < kk.clamp(
@@ -139,7 +139,7 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
     return score
 
 
-def _percentile(x: Tensor) -> Tensor:
+def percentile_rank(x: Tensor) -> Tensor:
     """(N,) rank of each value among all, scaled to (0, 1] (ties broken by position)."""
     ranks = torch.empty_like(x)
     ranks[x.argsort(stable=True)] = torch.arange(1, len(x) + 1, device=x.device,
