@@ -25,6 +25,7 @@ from epic.data import (
     splice_poisons,
 )
 from epic.defenses import EpicDefense
+from epic.defenses.epic_plus import _stem_pass
 from epic.evaluation import RunConfig, prepare_data
 from epic.training import TrainConfig, Trainer
 
@@ -196,6 +197,27 @@ def test_streamed_predict_equals_in_memory_predict(splits):
     a = Trainer(tiny_model(3), train, test=test, config=cfg)
     b = Trainer(tiny_model(3), memory, test=memory_test, config=cfg)
     torch.testing.assert_close((a.cache, a.test_cache), (b.cache, b.test_cache))
+
+
+def test_inputs_and_epic_plus_texture_pass_are_the_same_streamed(splits):
+    """``Trainer.inputs`` gives the model-ready batches of the training images, in memory or
+    streamed; epic-plus's first-layer pass over a frozen extractor runs on it, so a streamed
+    split gets its texture rank too."""
+    train, _, memory, _ = splits
+    cfg = TrainConfig(epochs=1, scenario="transfer", **FAST)
+    a, b = (Trainer(tiny_model(3), split, config=cfg) for split in (train, memory))
+    idx = torch.tensor([20, 1, 7, 7, 13, 2])
+    for indices in (None, idx):
+        xa, xb = list(a.inputs(indices)), list(b.inputs(indices))
+        assert [len(x) for x in xa] == [len(x) for x in xb]
+        assert max(len(x) for x in xa) == cfg.eval_batch_size or indices is not None
+        torch.testing.assert_close(torch.cat(xa), torch.cat(xb))
+    x = torch.cat(list(b.inputs(idx)))
+    torch.testing.assert_close(x, memory.images[idx].float() / 255)
+    assert x.is_contiguous(memory_format=b.memory_format)
+    stats = _stem_pass(a, idx)
+    assert stats is not None and len(stats) == len(idx)
+    torch.testing.assert_close(stats, _stem_pass(b, idx))
 
 
 def test_each_rank_streams_its_share_as_the_in_memory_path_slices_it(splits):

@@ -10,6 +10,7 @@ them in place.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,6 +34,10 @@ class TrainerView(Protocol):
         memory_format: the memory format of the model's inputs.
         eval_batch_size: the batch size of inference passes (the config's, resolved).
         model: the network being trained (read only; e.g. to optimise inputs against it).
+
+    Methods: ``predict`` (eval-mode logits and features, shared out between ranks),
+    ``inputs`` (the model-ready batches of training images, for a pass of the defense's
+    own) and ``set_active`` (train on a subset from the next batch on).
     """
 
     config: Any
@@ -48,6 +53,8 @@ class TrainerView(Protocol):
     def predict(self, indices: Tensor | None = None, *, images: Tensor | None = None,
                 features: bool = False, layer: str | None = None,
                 precision: str | None = None) -> tuple[Tensor, Tensor | None]: ...
+
+    def inputs(self, indices: Tensor | None = None) -> Iterator[Tensor]: ...
 
     def set_active(self, mask: Tensor) -> None: ...
 

@@ -125,9 +125,7 @@ def _stem_pass(trainer: Any, idx: torch.Tensor) -> torch.Tensor | None:
     model.eval()
     try:
         with torch.no_grad(), capture_stem_stats(model, stop=True) as cap:
-            for part in idx.cpu().split(trainer.eval_batch_size):
-                x = trainer.images.index_select(0, part).to(trainer.device).float().div_(255)
-                x = x.contiguous(memory_format=trainer.memory_format)  # as predict's batches
+            for x in trainer.inputs(idx):
                 try:
                     model(x)
                 except StemReached:
@@ -191,8 +189,8 @@ class EpicPlus(EpicDefense):
             beyond chance (:func:`concentrated_class`): a large perturbation on one target's
             poisons, all of one label; ``"always"``: in every class; ``"never"``. The statistics
             come from the separate pass (a round that reuses the training steps' features
-            reuses the last pass's; a frozen extractor's are computed once, except from
-            streamed images, where only the group score runs).
+            reuses the last pass's; a frozen extractor's are computed once, by a pass
+            stopped at the first layer).
         seed: unused (the rule is deterministic); accepted so runs can pass their seed.
     """
 
@@ -259,8 +257,8 @@ class EpicPlus(EpicDefense):
             stats = dist.all_gather_varlen(stats)
         if stats is not None and len(stats) == len(idx):  # a full pass ran the model
             self._stem_stats = stats.cpu()
-        elif self._stem_stats is None and trainer.stream is None:  # transfer's cached
-            self._stem_stats = _stem_pass(trainer, idx)                # extractor: once
+        elif self._stem_stats is None:  # transfer's cached extractor: once
+            self._stem_stats = _stem_pass(trainer, idx)
         return out
 
     def _decide(self, trainer: Any, proxies: GradientProxy, labels: torch.Tensor

@@ -382,18 +382,14 @@ class Trainer:
         if self.world > 1:  # this rank's contiguous share of the batches
             nb = len(batches)
             batches = batches[self.rank * nb // self.world:(self.rank + 1) * nb // self.world]
-        if isinstance(source, Tensor):
-            inputs = (source.index_select(0, part.to(self.device)) for part in batches)
-        else:
-            inputs = self._streamed(key, source, batches)
+        inputs = self._inputs(source, batches, key)
         was_training = self.model.training
         self.model.eval()
         logits, feats = [], []
         try:
             with capture_features(self.model, layer, detach=True) if features \
                     else contextlib.nullcontext() as cap:
-                for pixels in inputs:
-                    x = self._to_input(pixels)
+                for x in inputs:
                     with self._autocast(precision):
                         logits.append(self.model(x).float())
                     if features:
@@ -405,6 +401,29 @@ class Trainer:
         if not features:
             return out, None
         return out, dist.all_gather_varlen(torch.cat(feats) if feats else empty)
+
+    def inputs(self, indices: Tensor | None = None) -> Iterator[Tensor]:
+        """The model's inputs for the training examples ``indices`` (default all), in order,
+        in batches of :attr:`eval_batch_size`: float in [0, 1], on the device, in the model's
+        memory format, without augmentation; a streamed split is decoded by its DataLoader.
+
+        For a defense's own pass over the images (e.g. one stopped at the first layer). Unlike
+        :meth:`predict` it is not shared out between ranks: each rank gets every batch.
+        """
+        idx = torch.arange(len(self.labels)) if indices is None else indices.cpu()
+        source: Any = self.images if self.stream is None else self.stream
+        return self._inputs(source, list(self._batches(idx, self.eval_batch_size)), "predict")
+
+    def _inputs(self, source: Any, batches: list[Tensor], key: str) -> Iterator[Tensor]:
+        """Model-ready batches of ``source`` (images on the device, or a streamed split,
+        decoded by the DataLoader named ``key``) at each index batch of ``batches``."""
+        if isinstance(source, Tensor):
+            pixels: Iterator[Tensor] = (source.index_select(0, part.to(self.device))
+                                        for part in batches)
+        else:
+            pixels = self._streamed(key, source, batches)
+        for batch in pixels:
+            yield self._to_input(batch)
 
     @torch.no_grad()
     def _test_accuracy(self) -> float:
