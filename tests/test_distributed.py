@@ -45,7 +45,7 @@ def _entry(rank, world, ports, out, state):
     out = Path(out)
     assert dist.init_from_env(backend="gloo", timeout=120)  # a hang fails instead
     result = {"helpers": _helpers(rank), "data": _data(rank), "epic": _epic_rounds(state),
-              "train": _train(rank, out)}
+              "train": _train(rank, out), "plus": _plus(state)}
     dist.shutdown()
     os.environ["MASTER_PORT"] = str(ports[1])  # the command joins a group of its own
     result["cli"] = _cli(out)
@@ -217,6 +217,27 @@ def test_two_process_training_agrees_and_only_rank_0_writes(ranks):
     assert not (out / "rank1").exists()
     saved = torch.load(out / "rank0" / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(v, first["state"][k]) for k, v in saved["model"].items())
+
+
+def _plus(state):
+    """epic-plus fine-tuning: after its first round it predicts only the dropped examples,
+    fewer than one inference batch, so one rank runs no batch of that pass."""
+    from epic.defenses import create_defense
+
+    train = load_split("digits", None, train=True)
+    plus = create_defense("epic-plus", fraction=0.05, patience=2)
+    cfg = TrainConfig(epochs=4, scenario="finetune", milestones=(), **CONFIG)
+    trainer = Trainer(tiny_model(state), train, config=cfg, callbacks=[plus])
+    trainer.fit()
+    return {"active": trainer.active, "passes": [r["proxy_pass"] for r in plus.rounds]}
+
+
+@pytest.mark.slow
+def test_epic_plus_rounds_with_fewer_batches_than_ranks_agree(ranks):
+    first, second = [r["plus"] for r in ranks[1]]
+    assert first["passes"][1:] and set(first["passes"][1:]) == {"training-features"}
+    assert first["passes"] == second["passes"]
+    assert torch.equal(first["active"], second["active"]) and not first["active"].all()
 
 
 # ---------------------------------------------------------------------------------- CLI

@@ -317,3 +317,51 @@ def test_epic_plus_auto_adds_texture_in_the_class_that_a_large_perturbation_mark
     assert dropped["auto"] >= 7 and dropped["never"] <= 2  # measured: 8 (9 transfer), 0
     with pytest.raises(EpicError, match="stem"):
         EpicPlus(stem="on")
+
+
+def test_group_isolation_leaves_classes_of_at_most_2k_examples_unscored():
+    """A class too small to hold a group apart from the rest of it (here 12 points scattered
+    among class 0, like a rare class the model has not learned) is not scored; the other
+    classes are still scored, the planted group first."""
+    g = torch.Generator().manual_seed(2)
+    x, y, group = planted(group=6)
+    rare = torch.randn(12, 6, generator=g)  # inside class 0's cloud
+    s = group_isolation(torch.cat([x, rare]), torch.cat([y, torch.full((12,), 2)]), k=20)
+    assert bool((s[len(y):] == 0).all())
+    assert set(s.topk(len(group)).indices.tolist()) == set(group.tolist())
+    assert bool((s[:len(y)] > 0).all())
+    assert bool((group_isolation(x[:40], y[:40], k=20) == 0).all())  # 2k examples
+    assert bool((group_isolation(x[:41], y[:41], k=20) > 0).all())  # 2k + 1
+
+
+def test_knn_score_is_ranked_before_the_texture_rank_joins_it(digits, monkeypatch):
+    """``score="knn"`` gives distances in the proxy's units; folded into the texture's
+    percentile rank they are ranked first, so the larger of the two means the same with
+    either proxy (raw last-layer distances of 1-25 made the texture rank never count)."""
+    import epic.defenses.epic_plus as module
+
+    seen = []
+
+    def spy(scores, texture, labels, mode="auto"):
+        seen.append((float(scores.min()), float(scores.max())))
+        return module.with_texture.__wrapped__(scores, texture, labels, mode)
+
+    spy.__wrapped__ = module.with_texture
+    monkeypatch.setattr(module, "with_texture", spy)
+    plus = EpicPlus(score="knn", stem="always", patience=1)
+    Trainer(small_model(), digits[0], callbacks=[plus], config=TrainConfig(
+        epochs=2, batch_size=64, lr=0.05, augment="none", progress=False,
+        milestones=())).fit()
+    assert seen and all(0 <= lo and hi <= 1 for lo, hi in seen)
+
+
+def test_texture_and_knn_ranks_leave_small_classes_unscored():
+    """The texture rank (k=10) leaves a class of at most 20 examples at 0, as the group score
+    does: with its k-th neighbour its farthest member, a rare class ranked top as a whole and
+    the class test then named it (found dropping a whole 5-example digits class)."""
+    g = torch.Generator().manual_seed(3)
+    stats = torch.cat([torch.randn(200, 4, generator=g), torch.randn(5, 4, generator=g) * 9])
+    labels = torch.cat([torch.zeros(200), torch.ones(5)]).long()
+    ranks = stem_isolation(stats, labels)
+    assert bool((ranks[200:] == 0).all()) and float(ranks[:200].min()) > 0
+    assert concentrated_class(ranks, labels) is None

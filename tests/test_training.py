@@ -144,11 +144,18 @@ def test_channels_last_and_the_inference_batch_on_cpu(digits):
                    ).eval_batch_size == 7
 
 
-def test_resume_reproduces_an_uninterrupted_run(digits, tmp_path):
+@pytest.mark.parametrize("scenario, make", [
+    ("scratch", lambda: EpicDefense(warmup=1, interval=1)),
+    # the training steps' logits of the epoch before a round are in the checkpoint
+    ("scratch", lambda: EpicDefense(warmup=1, interval=1, proxy_pass="training")),
+    # and its features, and epic-plus's first-layer statistics of the last separate pass
+    ("finetune", lambda: create_defense("epic-plus", fraction=0.05, patience=2, interval=2,
+                                        stem="always")),
+], ids=["separate", "training", "epic-plus-training-features"])
+def test_resume_reproduces_an_uninterrupted_run(digits, tmp_path, scenario, make):
     train, test = digits
-    cfg = TrainConfig(epochs=4, **FAST)
-    straight, resumed = straight_and_resumed(
-        train, cfg, lambda: [EpicDefense(warmup=1, interval=1)], tmp_path)
+    cfg = TrainConfig(epochs=4, scenario=scenario, milestones=(), **FAST)
+    straight, resumed = straight_and_resumed(train, cfg, lambda: [make()], tmp_path)
     assert torch.equal(resumed.active, straight.active)
     assert [e["event"] for e in resumed.events] == [e["event"] for e in straight.events]
     def no_time(rounds):

@@ -90,8 +90,11 @@ class EpicDefense(DropDefense):
         self.record_proxies = record_proxies
         self.proxies: list[dict[str, torch.Tensor]] = []
         # proxy_pass="training*": this process's (indices, logits or features) of the epoch
-        # before a round (recorded only then, cleared at every epoch's start after the round)
+        # before a round (recorded only then), gathered from every process at that epoch's
+        # end into (rows, seen) for the round; those are checkpointed, so a resume is exact
+        self._recording = False
         self._recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self._hook: contextlib.ExitStack | None = None  # "training-features": its capture
         self._capture: FeatureCapture | None = None
 
@@ -108,12 +111,19 @@ class EpicDefense(DropDefense):
         # once no round can change the kept set any more, the rounds are skipped
         if self.schedule.is_selection_epoch(epoch) and not self._finished(trainer):
             self._select(trainer, epoch)
-        self._recorded = []
-        if (self.proxy_pass == "training-features" and not self._finished(trainer)
-                and self.schedule.is_selection_epoch(epoch + 1)):  # record this epoch's
+        self._recorded, self._rows = [], None
+        self._recording = (self.proxy_pass != "separate" and not self._finished(trainer)
+                           and self.schedule.is_selection_epoch(epoch + 1))
+        if self._recording and self.proxy_pass == "training-features":  # this epoch's
             self._hook = contextlib.ExitStack()
             self._capture = self._hook.enter_context(
                 capture_features(trainer.model, detach=True))
+
+    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, Any]) -> None:
+        if self._recording:  # every process's rows, for the round that opens the next epoch
+            self._unhook()
+            self._rows = self._training_rows(trainer)
+            self._recorded, self._recording = [], False
 
     def on_train_end(self, trainer: Any) -> None:
         self._unhook()
@@ -129,7 +139,7 @@ class EpicDefense(DropDefense):
             self._hook = self._capture = None
 
     def on_batch_end(self, trainer: Any, batch: BatchEnd) -> None:
-        if not self.schedule.is_selection_epoch(batch.epoch + 1):
+        if not self._recording:
             return
         if self.proxy_pass == "training":
             self._recorded.append((batch.indices, batch.logits))  # they feed the next round
@@ -137,17 +147,19 @@ class EpicDefense(DropDefense):
             self._recorded.append((batch.indices, self._capture.features.float()))
             self._capture.features = None
 
-    def _training_rows(self, trainer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _training_rows(self, trainer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(N, K) logits (or (N, D) features) the training steps of the epoch before the round
         computed, every process's, and the (N,) mask of the examples that were trained on
-        (the others are zeros)."""
-        idx = [i for i, _ in self._recorded]
-        rows = [z for _, z in self._recorded]
-        k = rows[0].shape[1]
-        flat_idx = dist.all_gather_varlen(torch.cat(idx))
-        flat = dist.all_gather_varlen(torch.cat(rows))
+        (the others are zeros); ``None`` when no process recorded any. Every process calls it."""
+        empty = torch.empty(0, device=trainer.device)
+        flat_idx = dist.all_gather_varlen(
+            torch.cat([i for i, _ in self._recorded]) if self._recorded else empty.long())
+        flat = dist.all_gather_varlen(
+            torch.cat([z for _, z in self._recorded]) if self._recorded else empty)
+        if flat.ndim != 2 or not len(flat):
+            return None
         n = len(trainer.labels)
-        logits = torch.zeros(n, k, device=flat.device)
+        logits = torch.zeros(n, flat.shape[1], device=flat.device)
         logits[flat_idx] = flat  # an example padded in twice: either of its two rows
         seen = torch.zeros(n, dtype=torch.bool, device=flat.device)
         seen[flat_idx] = True
@@ -155,10 +167,10 @@ class EpicDefense(DropDefense):
 
     def _logits(self, trainer: Any, idx: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """The round's logits (and features) of the examples ``idx`` (every example)."""
-        if not self._recorded:  # the separate pass, or nothing recorded (right after a resume)
+        if self._rows is None:  # the separate pass (or a round with nothing recorded)
             return trainer.predict(idx, features=self.proxy == "last-layer",
                                    precision=self.proxy_precision)
-        rows, seen = self._training_rows(trainer)
+        rows, seen = self._rows
         missing = (~seen).nonzero().squeeze(1)  # not trained on: dropped
         if self.proxy_pass == "training":
             if len(missing):
@@ -173,6 +185,17 @@ class EpicDefense(DropDefense):
             logits = torch.nn.functional.linear(rows, layer.weight.float(),
                                                 None if layer.bias is None else layer.bias.float())
         return logits, (rows if self.proxy == "last-layer" else None)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._rows is not None:  # a checkpoint between the recorded epoch and its round
+            state["recorded"] = list(self._rows)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        rows = state.get("recorded")
+        self._rows = None if rows is None else (rows[0], rows[1].bool())
 
     def _decide(self, trainer: Any, proxies: GradientProxy, labels: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -193,7 +216,7 @@ class EpicDefense(DropDefense):
         # their neighbours becoming the next isolated points once they are gone.
         pool = torch.ones_like(trainer.active)
         idx = pool.nonzero().squeeze(1)
-        used = self.proxy_pass if self._recorded else "separate"  # nothing recorded: a pass
+        used = "separate" if self._rows is None else self.proxy_pass
         logits, feats = self._logits(trainer, idx)
         labels = trainer.labels.index_select(0, idx.to(trainer.labels.device))
         proxies = gradient_proxy(logits, labels, feats)

@@ -60,12 +60,24 @@ _DEFAULT_K = {"group": 30, "knn": 50}
 STEM_MODES = ("auto", "always", "never")
 
 
+def _small_classes(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) mask of the examples whose class has at most ``2 * k`` examples: too few for a
+    ``k``-th neighbour to tell an outlier from the class's own extent (see
+    :func:`~epic.selection.group_isolation`); they are not scored."""
+    return torch.bincount(labels)[labels] <= 2 * k
+
+
 def stem_isolation(stats: torch.Tensor, labels: torch.Tensor, *, k: int = 10) -> torch.Tensor:
     """(N,) percentile rank, in (0, 1], of each example's distance to its ``k``-th nearest
     same-class example in standardised first-layer statistics (:func:`capture_stem_stats`):
-    a perturbation large enough to poison leaves a texture its class does not have."""
+    a perturbation large enough to poison leaves a texture its class does not have.
+    Examples of classes of at most ``2 * k`` examples rank 0."""
     z = (stats - stats.mean(0)) / stats.std(0).clamp(min=1e-6)
-    return percentile_rank(knn_isolation(z, labels, k=k))
+    small = _small_classes(labels, k)
+    ranks = torch.zeros(len(labels))
+    if not small.all():
+        ranks[~small] = percentile_rank(knn_isolation(z[~small], labels[~small], k=k))
+    return ranks
 
 
 def class_concentration(scores: torch.Tensor, labels: torch.Tensor, *, top: float = 0.01
@@ -253,8 +265,10 @@ class EpicPlus(EpicDefense):
         with capture_stem_stats(trainer.model) as cap:
             out = super()._logits(trainer, idx)
         stats = cap.stats()
-        if stats is not None and dist.is_distributed():  # each rank saw its run of batches
-            stats = dist.all_gather_varlen(stats)
+        if cap.module is not None and dist.is_distributed():  # each rank ran its share of
+            stats = dist.all_gather_varlen(  # the batches (none, when they are fewer)
+                stats if stats is not None else torch.empty(0, device=trainer.device))
+            stats = stats if len(stats) else None
         if stats is not None and len(stats) == len(idx):  # a full pass ran the model
             self._stem_stats = stats.cpu()
         elif self._stem_stats is None:  # transfer's cached extractor: once
@@ -268,9 +282,12 @@ class EpicPlus(EpicDefense):
             scores = self._group_scores(proxies.features, labels)
         else:
             scores = knn_isolation(proxies, labels, k=self.k).cpu()
+            scores[_small_classes(labels.cpu(), self.k)] = 0.0
         stem_class = None
         if self.stem != "never" and self._stem_stats is not None and len(self._stem_stats) == n:
             labs = labels.cpu()
+            if self.score == "knn":  # distances: ranked, to share the texture rank's scale
+                scores = percentile_rank(scores).masked_fill_(scores == 0, 0.0)
             scores, stem_class = with_texture(scores, stem_isolation(self._stem_stats, labs),
                                               labs, self.stem)
         budget = self._budget(n)
@@ -303,9 +320,12 @@ class EpicPlus(EpicDefense):
         return scores
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "votes": self.votes, "voted": self.voted}
+        return {**super().state_dict(), "votes": self.votes, "voted": self.voted,
+                "stem_stats": self._stem_stats}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.votes = None if state.get("votes") is None else state["votes"].cpu()
         self.voted = int(state.get("voted", 0))
+        stats = state.get("stem_stats")
+        self._stem_stats = None if stats is None else stats.cpu()

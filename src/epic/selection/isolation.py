@@ -79,9 +79,11 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
     Args:
         points: (N, D) vectors, e.g. penultimate features.
         labels: (N,) integer class labels.
-        k: the far neighbour (capped at the class size minus one); above the number of
-            poisons an attack plants per target.
-        near: the near neighbour, 1 <= near < k (capped like ``k``).
+        k: the far neighbour; above the number of poisons an attack plants per target.
+            Classes of at most ``2 * k`` examples are not scored (0): a group apart from its
+            class needs a class several times its size, and a rare class would otherwise be
+            flagged as a whole.
+        near: the near neighbour, 1 <= near < k.
         spread: when > 0, an example also takes the median score of its ``spread`` nearest
             same-class examples if that is higher (``spread <= k``): the poisons of one
             target are one group, so one the ratios miss is surrounded by ones they catch,
@@ -89,7 +91,7 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
         block: rows of the (block, N) distance block held at once.
 
     Returns:
-        Float32 scores; 0 in classes with a single example.
+        Float32 scores; 0 in classes of at most ``2 * k`` examples.
     """
     if not isinstance(points, Tensor) or points.ndim != 2 or not points.is_floating_point():
         raise EpicError("points must be an (N, D) floating-point tensor")
@@ -106,8 +108,11 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
     labels = check_labels(labels, n, None).to(points.device)
     x = points.float()
     sizes = torch.bincount(labels)[labels]  # (N,) size of each example's class
-    kk = (sizes - 1).clamp(max=k)  # per example, 0 in singleton classes
-    nn_ = (sizes - 1).clamp(max=near)
+    # a class of at most 2k examples is too small to hold a group apart from the rest of it:
+    # its d_k would measure the class's own extent, and a rare class the model has not
+    # learned sits among other classes as a whole; its examples are not scored
+    kk = torch.where(sizes > 2 * k, k, 0)
+    nn_ = kk.clamp(max=near)
     top = int(min(k, n - 1))
     if top < 1:
         return torch.zeros(n, device=points.device)
@@ -129,7 +134,11 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
     tiny = torch.finfo(torch.float32).tiny
     group = dk / dn.clamp(min=tiny)
     foreign = dk / ak.clamp(min=tiny)
-    score = torch.maximum(percentile_rank(group), percentile_rank(foreign)).masked_fill_(alone, 0.0)
+    score = torch.zeros(n, device=points.device)
+    if not alone.all():  # ranked among the scored examples only
+        scored = ~alone
+        score[scored] = torch.maximum(percentile_rank(group[scored]),
+                                      percentile_rank(foreign[scored]))
     if spread:
         nbr = torch.cat(own_idx)  # (N, spread); past the class size the entries are others
         valid = torch.arange(nbr.shape[1], device=nbr.device)[None, :] < kk.clamp(
