@@ -95,6 +95,12 @@ def test_list_reads_the_registries(capsys):
      "--subset-fraction is an EPIC option"),
     (["train", "--defense", "deep-knn", "--option", "k"], "KEY=VALUE"),
     (["train", "--proxy-precision", "half"], "unknown value 'half' for proxy_precision"),
+    (["train", "--defense", "none", "--option", "k=3"], "'none' has no option(s) ['k']"),
+    (["train", "--defense", "none", "--subset-fraction", "0.2"], "EPIC option; use it with "
+     "--defense epic (or an epic-* variant)"),  # and no --option advice: none takes none
+    (["train", "--eps", "8"], "--eps is the bound of the --poisons"),
+    (["train", "--option", "subset_fraction=0.2", "--subset-fraction", "0.3"], "given twice"),
+    (["train", "--checkpoint", "model.pt"], "add --scenario finetune"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
     # in process: the entry point's own handling (one subprocess test below)
@@ -104,6 +110,37 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
     lines = [line for line in out.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "adir").mkdir()
+    cases = [
+        (["train", "--out", str(afile)], "is a file; give a folder"),
+        (["train", "--out", str(afile / "sub")], "is a file, not a folder"),
+        (["pretrain", "--out", str(tmp_path / "adir")], "is a folder; give a file path"),
+        (["report", str(tmp_path), "--out", str(afile)], "is a file; give a folder"),
+        (["craft", "--attack", "bullseye-polytope", "--checkpoint", "m.pt", "--targets", "0",
+          "--out", str(tmp_path / "c")], "--targets must be >= 1"),
+        (["demo", "--targets", "-1", "--out", str(tmp_path / "d")], "--targets must be >= 1"),
+    ]
+    for args, message in cases:
+        code, out = run_main(capsys, *args)
+        lines = [line for line in out.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and message in lines[0], (args, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]  # nothing written
+
+
+def test_a_file_the_system_refuses_is_one_line_not_a_traceback(monkeypatch, capsys, tmp_path):
+    import epic.evaluation
+
+    def refused(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted", str(tmp_path / "run" / "x"))
+
+    monkeypatch.setattr(epic.evaluation, "run_training", refused)
+    code, out = run_main(capsys, "train", "--out", str(tmp_path / "run"))
+    assert code == 2 and out.strip() == f"error: Operation not permitted: {tmp_path}/run/x"
 
 
 @pytest.mark.slow

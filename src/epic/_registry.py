@@ -54,15 +54,15 @@ class Registry(Generic[T]):
         options = {k: v for k, v in kwargs.items() if v is not None}
         try:
             params = inspect.signature(factory).parameters
-        except (TypeError, ValueError):
-            params = {}
-        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        unknown = sorted(set(options) - set(params)) if params and not takes_any else []
+        except (TypeError, ValueError):  # no signature to check against
+            params = None
+        takes_any = params is None or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        unknown = [] if takes_any else sorted(set(options) - set(params))
         if unknown:
             valid = sorted(p for p, v in params.items()
                            if v.kind in (v.KEYWORD_ONLY, v.POSITIONAL_OR_KEYWORD))
-            raise EpicError(f"{self.kind} '{name}' has no option(s) {unknown}; valid options "
-                            f"are {valid}")
+            raise EpicError(f"{self.kind} '{name}' has no option(s) {unknown}; "
+                            + (f"valid options are {valid}" if valid else "it takes none"))
         return factory(**options)
 
     def names(self, pattern: str = "*") -> list[str]:

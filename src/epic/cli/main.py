@@ -65,7 +65,8 @@ def train(
     dataset: DatasetOpt = "digits",
     data_root: DataRootOpt = None,
     download: Annotated[bool, typer.Option(help="Download the official files if absent.")] = False,
-    model: ModelOpt = "convnet",
+    model: Annotated[str | None, typer.Option(
+        help="Model name (epic list models; default convnet, or the --checkpoint's).")] = None,
     width: WidthOpt = None,
     epochs: EpochsOpt = None,
     batch_size: BatchOpt = None,
@@ -131,26 +132,47 @@ def train(
     Writes OUT/config.yaml, OUT/metrics.jsonl, OUT/summary.json and OUT/checkpoint.pt.
     """
     from .._distributed import init_from_env, is_main
+    from .._errors import EpicError
     from ..defenses import DefenseSpec
     from ..evaluation import RunConfig, run_training
     from ..training import TrainConfig
 
     init_from_env()  # under torchrun: one process per GPU, rank 0 prints
+    _check_out(out, folder=True)
     options = _parse_options(option or [])
     epic_flags = {"subset_fraction": subset_fraction, "interval": interval, "warmup": warmup,
                   "until": until, "cluster_threshold": cluster_threshold, "proxy": proxy,
                   "proxy_pass": proxy_pass, "proxy_precision": proxy_precision}
     given = {k: v for k, v in epic_flags.items() if v is not None}
     if given and not defense.startswith("epic"):
-        from .._errors import EpicError
-
         flag = "--" + next(iter(given)).replace("_", "-")
         raise EpicError(f"{flag} is an EPIC option; use it with --defense epic (or an epic-* "
-                        f"variant), or pass --option KEY=VALUE to {defense}")
+                        "variant)" + ("" if defense == "none" else
+                                      f", or pass --option KEY=VALUE to {defense}"))
+    twice = sorted(set(given) & set(options))
+    if twice:
+        flag = "--" + twice[0].replace("_", "-")
+        raise EpicError(f"{twice[0]} is given twice, by {flag} and by --option; keep one")
     options.update(given)
+    if eps is not None and poisons is None:
+        raise EpicError("--eps is the bound of the --poisons; give --poisons too, or leave "
+                        "--eps out")
+    if checkpoint is not None:
+        if scenario not in ("transfer", "finetune"):
+            raise EpicError("--checkpoint starts from a pretrained model: add --scenario "
+                            "finetune (train all of it) or --scenario transfer (a new head on "
+                            "its frozen features)")
+        from ..models import read_model_spec
+
+        saved = read_model_spec(_existing_file(checkpoint, "--checkpoint"))[0].get("name")
+        if model is not None and model != saved:
+            raise EpicError(f"--model {model} differs from the --checkpoint's model {saved}; "
+                            "leave --model out (the checkpoint fixes the architecture)")
+        model = saved
     cfg = RunConfig(
         dataset=dataset, data_root=None if data_root is None else str(data_root),
-        download=download, stream=stream, image_size=image_size, model=model, width=width,
+        download=download, stream=stream, image_size=image_size, model=model or "convnet",
+        width=width,
         defense=DefenseSpec(defense, options),
         poisons=None if poisons is None else str(poisons), eps=eps, train_size=train_size,
         out=str(out),
@@ -192,6 +214,8 @@ def pretrain(
     from ..evaluation import pretrain as run_pretrain
     from ..training import TrainConfig
 
+    _check_out(out, folder=False)
+    _check_out(Path(str(out) + ".run"), folder=True, flag="--out (its OUT.run/ folder)")
     cfg = RunConfig(dataset=dataset, data_root=None if data_root is None else str(data_root),
                     model=model, width=width, train_slice=train_slice, out=str(out) + ".run",
                     train=TrainConfig.from_dict({  # None (unset) flags are dropped
@@ -256,6 +280,9 @@ def craft(
     if (target_index is None) != (adv_class is None):
         raise EpicError("give --target-index and --adv-class together, or neither (random "
                         "targets)")
+    if target_index is None and targets < 1:
+        raise EpicError(f"--targets must be >= 1, got {targets}")
+    _check_out(out, folder=True)
     pairs = [(target_index, adv_class)] if target_index is not None else []
     spec = AttackSpec(attack, ThreatModel(budget=budget, eps=eps, num_poisons=num_poisons),
                       _parse_options(option or []))
@@ -310,8 +337,12 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/
     """
     from dataclasses import replace
 
+    from .._errors import EpicError
     from ..evaluation.demo import DemoConfig, run_demo
 
+    if targets < 1:
+        raise EpicError(f"--targets must be >= 1, got {targets}")
+    _check_out(out, folder=True)
     cfg = DemoConfig(out=str(out), targets=targets, seed=seed)
     cfg.attack = replace(cfg.attack, name=attack)  # the demo's threat model and steps
     if quick:
@@ -364,6 +395,7 @@ def bench(config: Annotated[Path, typer.Argument(help="Benchmark config (YAML), 
                 raise EpicError(f"defense {d['label']!r} matches {d['match']!r}; "
                                 f"add --defense {d['match']}")
     target = out or Path(cfg.out or f"runs/bench/{cfg.name}")
+    _check_out(target, folder=True)
     rows = run_bench(cfg, target, progress=progress and is_main())
     if not is_main():
         return
@@ -393,9 +425,42 @@ def report(results: Annotated[Path, typer.Argument(
     """Markdown tables (success ± standard error, accuracy, removals, time) and PNG plots."""
     from ..evaluation.report import write_report
 
+    if out is not None:
+        _check_out(out, folder=True)
     result = write_report(results, out)
     typer.echo(result["markdown"])
     typer.echo("wrote " + ", ".join(result["paths"].values()))
+
+
+def _check_out(path: Path, *, folder: bool, flag: str = "--out") -> None:
+    """Refuse, before any work, an output ``path`` that cannot be written: a file where a
+    folder is expected or the reverse, a file among its parents, or a parent not writable."""
+    import os
+
+    from .._errors import EpicError
+
+    if path.exists() and folder and not path.is_dir():
+        raise EpicError(f"{flag} {path} is a file; give a folder")
+    if path.exists() and not folder and path.is_dir():
+        raise EpicError(f"{flag} {path} is a folder; give a file path, e.g. {path / 'model.pt'}")
+    parent = path if folder and path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise EpicError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EpicError(f"{flag} {path}: cannot write in {parent}")
+
+
+def _existing_file(path: Path, flag: str) -> Path:
+    """``path`` if it is a file; otherwise an error naming ``flag``."""
+    from .._errors import EpicError
+
+    if path.is_dir():
+        raise EpicError(f"{flag} {path} is a folder; give a model file from `epic pretrain`")
+    if not path.exists():
+        raise EpicError(f"{flag} {path} does not exist")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,6 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted; run the same command again to resume", err=True)
         return 130
+    except OSError as err:  # a file the system refused (permissions, a full disk, ...)
+        where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        typer.echo(f"error: {err.strerror or type(err).__name__}"
+                   + (f": {where}" if where else ""), err=True)
+        return 2
     finally:
         shutdown()  # leave the process group of a torchrun launch, if any
     return 0
