@@ -159,10 +159,14 @@ class EpicDefense(DropDefense):
         if flat.ndim != 2 or not len(flat):
             return None
         n = len(trainer.labels)
+        # an example padded in twice (a distributed epoch): its first row, on every process
+        # and device (an index_put with repeated indices picks one at random on CUDA)
+        order = torch.arange(len(flat_idx), device=flat.device)
+        first = torch.full((n,), len(flat_idx), device=flat.device).scatter_reduce(
+            0, flat_idx, order, "amin")
+        seen = first < len(flat_idx)
         logits = torch.zeros(n, flat.shape[1], device=flat.device)
-        logits[flat_idx] = flat  # an example padded in twice: either of its two rows
-        seen = torch.zeros(n, dtype=torch.bool, device=flat.device)
-        seen[flat_idx] = True
+        logits[seen] = flat[first[seen]]
         return logits, seen
 
     def _logits(self, trainer: Any, idx: torch.Tensor) -> tuple[torch.Tensor, Any]:
