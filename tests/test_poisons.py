@@ -186,11 +186,11 @@ def test_truncated_and_foreign_npz(tmp_path: Path) -> None:
     path = _poisons(_base()).save(tmp_path / "p.npz")
     truncated = tmp_path / "truncated.npz"
     truncated.write_bytes(path.read_bytes()[:300])
-    with pytest.raises(EpicError, match="cannot read poison file .*truncated.npz"):
+    with pytest.raises(EpicError, match="cannot read poisons from .*truncated.npz"):
         PoisonSet.load(truncated)
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"\x00" * 64)
-    with pytest.raises(EpicError, match="cannot read poison file"):
+    with pytest.raises(EpicError, match="cannot read poisons from .*not a poison file written"):
         PoisonSet.load(garbage)
     foreign = tmp_path / "foreign.npz"
     np.savez(foreign, x=np.zeros(3))
@@ -208,7 +208,7 @@ def test_truncated_and_foreign_npz(tmp_path: Path) -> None:
 def test_npz_with_pickled_object_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "obj.npz"
     np.savez(path, format=np.array("epic-poisons"), metadata=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(EpicError, match="cannot read poison file"):
+    with pytest.raises(EpicError, match="cannot read poisons from .*pickled Python objects"):
         PoisonSet.load(path)
 
 

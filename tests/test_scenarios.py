@@ -39,7 +39,7 @@ def test_model_file_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("content, match", [(None, "does not exist"),
-                                            (b"garbage", "cannot read model checkpoint")])
+                                            (b"garbage", "cannot read model file")])
 def test_bad_model_files(tmp_path, content, match):
     path = tmp_path / "m.pt"
     if content is not None:

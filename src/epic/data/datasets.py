@@ -160,7 +160,9 @@ def list_datasets(pattern: str = "*") -> list[str]:
 
 def _root_path(root: str | Path | None, name: str) -> Path:
     if root is None:
-        raise EpicError(f"dataset '{name}' needs a data folder; pass root=... (--data-root)")
+        raise EpicError(f"dataset '{name}' needs a data folder: --data-root DIR on the command "
+                        "line; in Python, data_root=DIR (RunConfig, CraftConfig) or root=DIR "
+                        "(load_split)")
     return Path(root).expanduser()
 
 

@@ -289,7 +289,11 @@ class PoisonSet:
         if path.is_file():
             with open(path, "rb") as f:
                 is_zip = f.read(4) == b"PK\x03\x04"
-            if path.suffix == ".npz" or is_zip:
+            if path.suffix == ".npz" and not is_zip:  # numpy would try it as a pickle
+                empty = " (the file is empty)" if path.stat().st_size == 0 else ""
+                raise EpicError(f"cannot read poisons from {path}: not a poison file written by "
+                                f"`epic craft` (an .npz) or a poisoning-benchmark folder{empty}")
+            if is_zip:
                 return cls._load_epic(path)
             raise EpicError(f"cannot load poisons from {path}: unknown file type; {_EXPECTED}")
         raise EpicError(f"cannot load poisons from {path}: no such file or folder; {_EXPECTED}")
@@ -300,8 +304,11 @@ class PoisonSet:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {key: npz[key] for key in npz.files}
         except Exception as err:  # BadZipFile, EOFError, ValueError, zlib.error, ...
-            raise EpicError(f"cannot read poison file {path}: {_reason(err)}; it is truncated or "
-                            f"not an epic .npz, re-create it") from None
+            # numpy's text about allow_pickle= is advice epic does not take: say what it means
+            reason = ("it holds pickled Python objects" if "allow_pickle" in str(err)
+                      else _reason(err))
+            raise EpicError(f"cannot read poisons from {path}: {reason}; it is truncated or not "
+                            "a poison file written by `epic craft`, re-create it") from None
         if arrays.get("format") is None or str(arrays["format"]) != _NPZ_FORMAT:
             raise EpicError(f"{path} is a .npz but not an epic poison file (no format="
                             f"'{_NPZ_FORMAT}' key); {_EXPECTED}")

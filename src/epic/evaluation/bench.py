@@ -43,11 +43,11 @@ from .. import _distributed as dist
 from .._errors import EpicError
 from .._io import write_json, write_jsonl, write_yaml
 from ..attacks import AttackSpec, ThreatModel
-from ..data import dataset_info, load_split
+from ..data import PoisonSet, dataset_info, load_split
 from ..defenses import DefenseSpec
 from ..training import TrainConfig
 from .craft import CraftConfig, choose_targets, craft_poisons
-from .run import RunConfig, execute_run, pretrain, run_training
+from .run import RunConfig, execute_run, pretrain, run_training, slice_bounds
 
 __all__ = ["BenchConfig", "Cell", "TRAIN_KEYS", "clean_control", "default_data_root",
            "load_bench_config", "read_results", "run_bench", "surrogate_paths"]
@@ -153,6 +153,20 @@ def _as_entries(where: str, value: Any, valid: set[str]) -> list[dict[str, Any]]
     return entries
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """yaml's problem and where (1-based line and column), on one line."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if not problem:
+        problem = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(err, "context", None)
+    cmark = getattr(err, "context_mark", None)
+    if context and cmark is not None:
+        context += f" started at line {cmark.line + 1}, column {cmark.column + 1}"
+    return f"{problem}{where}" + (f" ({context})" if context else "")
+
+
 def load_bench_config(source: str | Path | dict[str, Any]) -> BenchConfig:
     """Read and validate a benchmark config; errors name the offending key."""
     from ..data import list_datasets
@@ -162,13 +176,19 @@ def load_bench_config(source: str | Path | dict[str, Any]) -> BenchConfig:
         raw = copy.deepcopy(source)
     else:
         path = Path(source)
+        if path.is_dir():
+            raise EpicError(f"bench config {path} is a folder; pass a YAML config file such as "
+                            "configs/cpu-mnist.yaml")
         if not path.is_file():
             raise EpicError(f"bench config {path} does not exist; pass a YAML file such as "
                             "configs/cpu-mnist.yaml")
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise EpicError(f"bench config {path} is not a UTF-8 text file; pass a YAML file "
+                            "such as configs/cpu-mnist.yaml") from None
         except yaml.YAMLError as err:
-            raise EpicError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+            raise EpicError(f"{path} is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(raw, dict):
         raise EpicError("a bench config must be a mapping of keys to values")
     _check_keys("the bench config", raw, _TOP_KEYS)
@@ -227,12 +247,96 @@ def load_bench_config(source: str | Path | dict[str, Any]) -> BenchConfig:
     if not isinstance(seeds, list) or not seeds or not all(
             isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise EpicError(f"seeds must be a non-empty list of integers, got {seeds!r}")
+    # everything a cell builds, built now: a bad value fails before anything is trained or written
+    for where, text in (("", raw.get("train_slice")),
+                        ("surrogate: ", surrogate.get("train_slice"))):
+        if text is not None:
+            try:
+                slice_bounds(text, None)
+            except EpicError as err:
+                raise EpicError(f"{where}{err}") from None
+    _check_training("surrogate", surrogate, surrogate=True)
+    for k, v in enumerate(victims):
+        _check_training(f"victims[{k}] ({v['label']})", v)
+    for k, a in enumerate(attacks):
+        try:
+            _attack_spec(a).create()  # the attack's options
+        except (TypeError, ValueError) as err:  # EpicError is a ValueError
+            raise EpicError(f"attacks[{k}] ({a['label']}): {err}") from None
+    _check_defenses(defenses, victims, attacks)
     return BenchConfig(name=str(raw.get("name", "bench")), dataset=raw["dataset"],
                        data_root=raw.get("data_root"), train_slice=raw.get("train_slice"),
                        trials=trials, seeds=seeds, replicates=replicates,
                        clean_seeds=clean_seeds,
                        surrogate=surrogate, victims=victims,
                        attacks=attacks, defenses=defenses, out=raw.get("out"))
+
+
+def _check_training(where: str, entry: dict[str, Any], *, surrogate: bool = False) -> None:
+    """Build the training config and check the model name of a victim or surrogate entry."""
+    from ..models import list_models
+
+    if surrogate and "checkpoint" in entry:
+        return
+    model = entry.get("model", "convnet")
+    if model not in list_models():
+        raise EpicError(f"{where}: unknown model {model!r}; choose from {list_models()}")
+    try:
+        TrainConfig.from_dict({**({"epochs": 10, "lr": 0.1, "batch_size": 128} if surrogate
+                                  else {}),
+                               **{k: entry[k] for k in TRAIN_KEYS if k in entry},
+                               "seed": 0, "progress": False})
+    except (TypeError, ValueError) as err:  # EpicError is a ValueError
+        raise EpicError(f"{where}: {err}") from None
+    for key in ("width", "train_size"):
+        value = entry.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise EpicError(f"{where}: {key} must be an integer >= 1, got {value!r}")
+
+
+def _defense_options(where: str, entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """An entry's ``defense_options`` (defense name -> options), checked."""
+    from ..defenses import list_defenses
+
+    value = entry.get("defense_options") or {}
+    if not isinstance(value, dict):
+        raise EpicError(f"{where}.defense_options must be a mapping of defense names to "
+                        f"options, got {value!r}")
+    for name, options in value.items():
+        if name not in list_defenses():
+            raise EpicError(f"{where}.defense_options: unknown defense {name!r}; choose from "
+                            f"{list_defenses()}")
+        if not isinstance(options, dict):
+            raise EpicError(f"{where}.defense_options.{name} must be a mapping of options, "
+                            f"got {options!r}")
+    return value
+
+
+def _check_defenses(defenses: list[dict[str, Any]], victims: list[dict[str, Any]],
+                    attacks: list[dict[str, Any]]) -> None:
+    """Build every defense entry with its options, alone and merged with each victim's and
+    attack's ``defense_options`` for it (as a cell merges them); errors name the entries."""
+    per_victim = [(f"victims[{k}] ({v['label']})", _defense_options(f"victims[{k}]", v))
+                  for k, v in enumerate(victims)]
+    per_attack = [(f"attacks[{k}] ({a['label']})", _defense_options(f"attacks[{k}]", a))
+                  for k, a in enumerate(attacks)]
+    for k, d in enumerate(defenses):
+        name, where = d["name"], f"defenses[{k}] ({d['label']})"
+        # a matched entry gets its count at run time (the matched defense's removals)
+        count = {"count": 0} if "match" in d else {}
+        combos = [([], d["options"])] + [
+            ([w for w, extra in (victim, attack) if name in extra],
+             {**victim[1].get(name, {}), **attack[1].get(name, {}), **d["options"]})
+            for victim in per_victim for attack in per_attack]
+        for owners, options in combos:
+            if owners or options is d["options"]:
+                try:
+                    DefenseSpec(name, {**options, **count}).create(seed=0)
+                except (TypeError, ValueError) as err:  # EpicError is a ValueError
+                    via = f" with the defense_options.{name} of {' and '.join(owners)}" \
+                        if owners else ""
+                    raise EpicError(f"{where}{via}: {err}") from None
 
 
 def read_results(path: str | Path) -> list[dict[str, Any]]:
@@ -242,15 +346,44 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
         path = path / RESULTS
     if not path.is_file():
         raise EpicError(f"no results at {path}; pass a folder written by `epic bench`")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise EpicError(f"{path} is not UTF-8 JSON lines; the file is damaged or not written "
+                        "by `epic bench`") from None
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             raise EpicError(f"{path} line {n} is not JSON; the file is damaged") from None
+        problem = _row_problem(row)
+        if problem:
+            raise EpicError(f"{path} line {n} is not a result row of `epic bench` ({problem}); "
+                            "the file is damaged or not written by `epic bench`")
+        rows.append(row)
     return rows
+
+
+# what every result row has held since the first bench (and what `epic report` reads)
+_ROW_KEYS = ("cell", "attack", "victim", "defense", "seed", "trial", "defense_name",
+             "target_index", "adv_label", "summary")
+_SUMMARY_KEYS = ("clean_test_acc", "train_examples", "poisons_total", "poisons_dropped",
+                 "clean_dropped", "wall_seconds", "target_index", "target_label", "adv_label")
+
+
+def _row_problem(row: Any) -> str | None:
+    """What keeps a parsed line from being a result row, or ``None``."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    missing = [k for k in _ROW_KEYS if k not in row]
+    if not missing and not isinstance(row["summary"], dict):
+        return "its 'summary' is not an object"
+    if not missing:
+        missing = [f"summary.{k}" for k in _SUMMARY_KEYS if k not in row["summary"]]
+    return f"no {', '.join(missing)}" if missing else None
 
 
 def _environment() -> dict[str, Any]:
@@ -280,9 +413,7 @@ def _surrogates(cfg: BenchConfig, out: Path, root: str | None, seed: int) -> lis
     sur = cfg.surrogate
     paths = surrogate_paths(cfg, out, seed)
     if "checkpoint" in sur:
-        if not paths[0].is_file():
-            raise EpicError(f"surrogate checkpoint {paths[0]} does not exist")
-        return [str(paths[0])]
+        return [str(_existing_checkpoint(paths[0]))]
     for member, path in enumerate(paths):
         if not path.exists():
             # the surrogate takes any training key (the victim's recipe, e.g. milestones: [])
@@ -295,6 +426,104 @@ def _surrogates(cfg: BenchConfig, out: Path, root: str | None, seed: int) -> lis
                                train_slice=sur.get("train_slice"), out=str(path) + ".run",
                                train=train), path)
     return [str(path) for path in paths]
+
+
+def _existing_checkpoint(path: Path) -> Path:
+    """The config's ``surrogate.checkpoint``, if it is a file."""
+    if path.is_dir():
+        raise EpicError(f"surrogate.checkpoint {path} is a folder; give a model file written by "
+                        "`epic pretrain`")
+    if not path.is_file():
+        raise EpicError(f"surrogate.checkpoint {path} does not exist; create it with "
+                        "`epic pretrain`")
+    return path
+
+
+def _stored_threat(entry: Any) -> ThreatModel | None:
+    """The threat model recorded with stored poisons or results: a bench ``attacks:`` entry,
+    an :meth:`AttackSpec.to_dict` or an older crafting config (flat ``eps``, ``budget``, ...);
+    ``None`` when unreadable (nothing to compare)."""
+    if not isinstance(entry, dict):
+        return None
+    try:
+        return ThreatModel(**{k: entry[k] for k in ("budget", "eps", "num_poisons",
+                                                    "poison_class") if entry.get(k) is not None})
+    except (EpicError, TypeError):
+        return None
+
+
+def _threat_change(stored: ThreatModel, wanted: ThreatModel) -> str | None:
+    """How ``stored`` differs from ``wanted`` in what the poisons are ("eps 128, the config
+    says 64"), or ``None``."""
+    def size(t: ThreatModel) -> str:
+        return f"num_poisons {t.num_poisons}" if t.num_poisons is not None \
+            else f"budget {t.budget:g}"
+
+    changes = []
+    if float(stored.eps) != float(wanted.eps):
+        changes.append((f"eps {stored.eps:g}", f"eps {wanted.eps:g}"))
+    if size(stored) != size(wanted):
+        changes.append((size(stored), size(wanted)))
+    if stored.poison_class != wanted.poison_class:
+        changes.append((f"poison_class {stored.poison_class}",
+                        f"poison_class {wanted.poison_class}"))
+    if not changes:
+        return None
+    return (", ".join(old for old, _ in changes) + ", but the config says "
+            + ", ".join(new for _, new in changes))
+
+
+def _check_stored(cfg: BenchConfig, out: Path, rows: list[dict[str, Any]]) -> None:
+    """Refuse to reuse an attack's stored results or poisons (``out/poisons/LABEL``) made
+    under another threat model (eps, budget or number of poisons, poison class) than the
+    config's; new trials, seeds, victims and defenses may extend a folder."""
+    for attack in cfg.attacks:
+        label, wanted = attack["label"], _attack_spec(attack).threat
+        folder = out / "poisons" / label
+        fix = "give a new output folder (--out)"
+        for row in rows:
+            if row["attack"] != label:
+                continue
+            stored = _stored_threat((row.get("config") or {}).get("attack"))
+            change = None if stored is None else _threat_change(stored, wanted)
+            if change:
+                raise EpicError(
+                    f"attack {label!r}: the results in {out / RESULTS} were made with {change}; "
+                    f"{fix}, or delete the lines of attack {label!r} from it and the folder "
+                    f"{folder}")
+        for seed_dir in sorted(folder.glob("seed*")) if folder.is_dir() else []:
+            listed: set[str] = set()
+            targets = seed_dir / "targets.json"
+            if targets.is_file():
+                try:
+                    recorded = json.loads(targets.read_text())
+                except (OSError, UnicodeDecodeError, ValueError):
+                    recorded = {}
+                config = recorded.get("config") if isinstance(recorded, dict) else None
+                if isinstance(config, dict):
+                    # AttackSpec.to_dict, or (older files) the threat model beside the name
+                    entry = config["attack"] if isinstance(config.get("attack"), dict) \
+                        else config
+                    stored = _stored_threat(entry)
+                    change = None if stored is None else _threat_change(stored, wanted)
+                    if change:
+                        raise EpicError(f"attack {label!r}: the poisons in {seed_dir} were "
+                                        f"crafted with {change}; {fix}, or delete {folder} to "
+                                        "craft them again")
+                    listed = {Path(str(t.get("file", ""))).parent.name
+                              for t in recorded.get("trials", []) if isinstance(t, dict)}
+            for path in sorted(seed_dir.glob("trial-*/poisons.npz")):
+                if path.parent.name in listed:
+                    continue  # covered by targets.json
+                poisons = PoisonSet.load(path)
+                stored = ThreatModel(eps=poisons.eps if poisons.eps is not None else wanted.eps,
+                                     num_poisons=len(poisons) if wanted.num_poisons else None,
+                                     budget=wanted.budget, poison_class=wanted.poison_class)
+                change = _threat_change(stored, wanted)
+                if change:
+                    raise EpicError(f"attack {label!r}: the poisons in {path.parent} were "
+                                    f"crafted with {change}; {fix}, or delete {folder} to "
+                                    "craft them again")
 
 
 def _attack_spec(entry: dict[str, Any]) -> AttackSpec:
@@ -333,14 +562,18 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
     """Run every missing cell of ``cfg``; returns all result lines (old and new)."""
     out = Path(out or cfg.out or f"runs/bench/{cfg.name}")
     root = cfg.data_root or default_data_root(cfg.dataset)
+    # what is stored must fit the config before anything is (over)written
+    results_path = out / RESULTS
+    rows = read_results(results_path) if results_path.exists() else []
+    _check_stored(cfg, out, rows)
+    if "checkpoint" in cfg.surrogate:
+        _existing_checkpoint(Path(cfg.surrogate["checkpoint"]))
+    test = load_split(cfg.dataset, root, train=False)
     out.mkdir(parents=True, exist_ok=True)
     main = dist.is_main()  # under torchrun only rank 0 writes the harness's files
     if main:
         write_yaml(out / "config.yaml", {**cfg.to_dict(), "data_root": root, "out": str(out)})
-    results_path = out / RESULTS
-    rows = read_results(results_path) if results_path.exists() else []
     done = {r["cell"] for r in rows}
-    test = load_split(cfg.dataset, root, train=False)
     env = _environment()
 
     cells = [Cell(a["label"], v["label"], d["label"], s, t, r) for s in cfg.seeds

@@ -138,15 +138,31 @@ def _upgraded(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def parse_slice(text: str, n: int) -> torch.Tensor:
     """Indices of ``"START:STOP"`` (either side may be empty) within ``range(n)``."""
+    start, stop = slice_bounds(text, n)
+    return torch.arange(start, n if stop is None else stop)
+
+
+def slice_bounds(text: str, n: int | None) -> tuple[int, int | None]:
+    """``(START, STOP)`` of ``"START:STOP"`` within ``n`` examples. With ``n`` ``None`` (not
+    known yet) only the form and the order are checked, and an empty STOP gives ``None``."""
     try:
         start_s, stop_s = str(text).split(":")
-        start, stop = int(start_s or 0), int(stop_s or n)
+        start, stop = int(start_s or 0), int(stop_s) if stop_s else n
     except ValueError:
         raise EpicError(f"train_slice must look like START:STOP (e.g. 0:2500), got {text!r}") \
             from None
-    if not 0 <= start < stop <= n:
-        raise EpicError(f"train_slice {text!r} is outside the {n} training examples")
-    return torch.arange(start, stop)
+    if start < 0 or (stop is not None and stop < 0):
+        raise EpicError(f"train_slice {text!r} has a negative bound; give 0 <= START < STOP")
+    if not stop_s and n is not None and start >= n:
+        raise EpicError(f"train_slice {text!r} is outside the {n} training examples; give "
+                        f"START < {n}")
+    if stop is not None and start >= stop:
+        raise EpicError(f"train_slice {text!r} selects nothing: START must be < STOP "
+                        "(e.g. 0:2500)")
+    if n is not None and stop is not None and stop > n:
+        raise EpicError(f"train_slice {text!r} is outside the {n} training examples; give "
+                        f"STOP <= {n}")
+    return start, stop
 
 
 def load_splits(dataset: str, data_root: str | None, train_slice: str | None = None, *,

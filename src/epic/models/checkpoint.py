@@ -8,7 +8,7 @@ classes, channels, normalisation, family options) plus free-form metadata; it is
 from __future__ import annotations
 
 import json
-import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +40,41 @@ def save_model(path: str | Path, model: nn.Module, spec: dict[str, Any],
 
 def _read(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise EpicError(f"model checkpoint '{path}' is a folder; give a model file written by "
+                        "`epic pretrain --out PATH`")
     if not path.is_file():
         raise EpicError(f"model checkpoint '{path}' does not exist; create one with "
                         "`epic pretrain --out PATH`")
+    not_ours = f"cannot read model file {path}: not a model written by `epic pretrain`"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise EpicError(f"cannot read model checkpoint {path}: {first}") from None
+    except Exception as err:  # UnpicklingError, EOFError, RuntimeError (zip), KeyError, ...
+        detail = _load_failure(path, err)
+        raise EpicError(not_ours + (f" ({detail})" if detail else "")) from None
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise EpicError(f"{path} is not an epic model file; create one with `epic pretrain`")
+        if isinstance(state, dict) and "optimizer" in state and "epoch" in state:
+            raise EpicError(f"{not_ours} (it is a training run's resume checkpoint; pass the "
+                            "model file that `epic pretrain --out PATH` wrote)")
+        raise EpicError(f"{not_ours} (it holds no '{_FORMAT}' record)")
     return state
+
+
+def _load_failure(path: Path, err: BaseException) -> str:
+    """The useful part of why ``torch.load`` failed, on one line; never PyTorch's advice to
+    load with ``weights_only=False`` (which could run code from the file)."""
+    text = str(err)
+    if isinstance(err, EOFError):
+        return "the file is empty" if path.stat().st_size == 0 else "the file ends early"
+    if "weights_only" in text:  # the safe unpickler refused it
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+        return f"it holds a pickled {found.group(1)}" if found else ""
+    if not isinstance(err, RuntimeError):  # e.g. a KeyError deep in the unpickler
+        return ""
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    line = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", line)
+    line = line.split(". ")[0].rstrip(".")
+    return ("the file is truncated or damaged: " + line) if "zip archive" in line else line
 
 
 def read_model_spec(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
