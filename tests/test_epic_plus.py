@@ -365,3 +365,24 @@ def test_texture_and_knn_ranks_leave_small_classes_unscored():
     ranks = stem_isolation(stats, labels)
     assert bool((ranks[200:] == 0).all()) and float(ranks[:200].min()) > 0
     assert concentrated_class(ranks, labels) is None
+
+
+def test_texture_rank_does_not_single_out_a_smaller_class_of_the_same_texture():
+    """Nine classes of 135 and one of 40, every texture from one distribution: with one k for
+    all, the sparser class's 10th-neighbour distances are larger and it crowds the top 1%
+    (the class test's tail reaches e^-10); with k scaled to the class's size it does not."""
+    from epic.defenses.epic_plus import class_concentration
+    from epic.selection import percentile_rank
+
+    labels = torch.cat([torch.full((135,), c) for c in range(9)] + [torch.full((40,), 9)])
+    fixed_k = scaled_k = 0
+    for seed in range(5):
+        stats = torch.randn(len(labels), 6, generator=torch.Generator().manual_seed(seed))
+        z = (stats - stats.mean(0)) / stats.std(0)
+        for ranks, hits in ((percentile_rank(knn_isolation(z, labels, k=10)), "fixed"),
+                            (stem_isolation(stats, labels), "scaled")):
+            c, _, tail = class_concentration(ranks, labels)
+            if c == 9 and tail < -4.5:
+                fixed_k += hits == "fixed"
+                scaled_k += hits == "scaled"
+    assert fixed_k >= 3 and scaled_k == 0

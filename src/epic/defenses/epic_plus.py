@@ -71,12 +71,21 @@ def stem_isolation(stats: torch.Tensor, labels: torch.Tensor, *, k: int = 10) ->
     """(N,) percentile rank, in (0, 1], of each example's distance to its ``k``-th nearest
     same-class example in standardised first-layer statistics (:func:`capture_stem_stats`):
     a perturbation large enough to poison leaves a texture its class does not have.
-    Examples of classes of at most ``2 * k`` examples rank 0."""
+
+    ``k`` holds for the largest class and shrinks with a smaller one's size (rounded up), so
+    that a sparser class's distances do not rank it high as a whole; examples of classes of
+    at most ``2 * k`` examples rank 0."""
     z = (stats - stats.mean(0)) / stats.std(0).clamp(min=1e-6)
+    sizes = torch.bincount(labels)
     small = _small_classes(labels, k)
+    dist = torch.zeros(len(labels))
+    for c in torch.unique(labels[~small]).tolist():
+        idx = (labels == c).nonzero().squeeze(1)
+        kc = math.ceil(k * len(idx) / int(sizes.max()))
+        dist[idx] = knn_isolation(z[idx], labels[idx], k=kc).cpu()
     ranks = torch.zeros(len(labels))
     if not small.all():
-        ranks[~small] = percentile_rank(knn_isolation(z[~small], labels[~small], k=k))
+        ranks[~small] = percentile_rank(dist[~small])
     return ranks
 
 
