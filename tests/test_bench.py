@@ -46,9 +46,12 @@ def test_every_cell_runs_once_with_its_config(finished):
         assert defense["name"] == r["defense_name"]
         if r["defense"] == "epic-0.2":
             assert defense["options"] == {"subset_fraction": 0.2}
-        if r["defense"] == "random":
+        if r["defense"] == "random":  # as many as EPIC, at the epoch of its first drop
+            epic = next(e for e in rows if e["defense"] == "epic-0.2" and e["trial"] == r["trial"])
+            first = min(e["epoch"] for e in epic["rounds"] if e["dropped_this_round"])
             assert defense["options"] == {"count": r["summary"]["poisons_dropped"]
-                                          + r["summary"]["clean_dropped"]}
+                                          + r["summary"]["clean_dropped"], "epoch": first - 1}
+            assert [e["epoch"] for e in r["rounds"]] == [first]
         assert {"bench", "train", "craft"} <= set(r["seeds"])
         assert r["env"]["torch"]
     # poisons are crafted once per trial and shared by every defense

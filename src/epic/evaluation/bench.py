@@ -606,6 +606,9 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
             matched = next(r for r in rows if r["cell"] == ref)
             options["count"] = matched["summary"]["poisons_dropped"] + \
                 matched["summary"]["clean_dropped"]
+            first = _first_drop_epoch(matched)
+            if first is not None and "epoch" not in options:  # no later than the defense
+                options["epoch"] = first
         run_dir = out / "runs" / cell.key
         run_cfg = _victim_run(cfg, victims[cell.victim], attack, defense, options,
                               trial["file"], _surrogate(cfg, out, root, cell.seed), root,
@@ -632,6 +635,15 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
             if main:
                 write_json(path, control)
     return rows
+
+
+def _first_drop_epoch(row: dict[str, Any]) -> int | None:
+    """The 0-based epoch at whose start a result row's defense first dropped examples (its
+    rounds record 1-based epochs), or ``None``: a matched random drop then drops as many at
+    that epoch, so the examples it removes are trained on no longer than the defense's."""
+    epochs = [int(r["epoch"]) - 1 for r in row.get("rounds") or []
+              if r.get("dropped_this_round", 0) > 0 and "epoch" in r]
+    return min(epochs) if epochs else None
 
 
 CLEAN_CONTROL = "clean_control.json"
