@@ -235,6 +235,26 @@ def test_score_counts_robust_hits_stops_beyond_random_and_flips():
     assert "3 targets hit by the undefended victim with all 3" in markdown(score(rows))
 
 
+def test_score_needs_every_replicate_reads_flips_from_replicate_0_and_counts_a_cell_once():
+    from epic.evaluation.report import markdown, score
+
+    def row(defense, trial, hit, replicate=0):
+        return {**_row(defense, trial, hit, replicate),
+                "cell": f"{defense}/{trial}/{replicate}"}
+
+    # target 0: 3 seeds hit; target 1: only 1 of 3 seeds finished (hit); target 2: replicate 0
+    # missed but its line came last; the defense's line of target 0 appears twice
+    rows = [row("none", 0, True, r) for r in range(3)] + [row("none", 1, True)]
+    rows += [row("none", 2, True, 2), row("none", 2, True, 1), row("none", 2, False, 0)]
+    rows += [row("d", 0, False), row("d", 0, False), row("d", 1, False), row("d", 2, True)]
+    by = {s.defense: s for s in score(rows)}
+    d = by["d"]
+    assert d.replicates == 3 and d.robust == 1 and d.stopped == 1  # target 0 only
+    assert d.trials == 3 and d.success == pytest.approx(1 / 3)  # the duplicate counted once
+    assert d.flips == 1.0  # target 2, missed by the first seed although listed last
+    assert "1 targets hit by the undefended victim with all 3" in markdown(score(rows))
+
+
 def test_a_clean_control_takes_clean_explained_targets_out_of_the_robust_hits(tmp_path):
     from epic.evaluation.report import markdown, per_target, read_clean_control, score
 

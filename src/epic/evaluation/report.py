@@ -83,6 +83,19 @@ def _explained(r: dict[str, Any], clean: CleanControl | None) -> bool:
     return bool(clean) and clean.get(_target_key(r), (0, 0))[0] > 0
 
 
+def _unique(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with a cell that appears twice (e.g. folders concatenated twice) kept once,
+    its first line (as `epic bench` reads a matched defense's count)."""
+    seen: set[str] = set()
+    out = []
+    for r in rows:
+        key = r.get("cell")
+        if key is None or key not in seen:
+            out.append(r)
+            seen.add(key)
+    return out
+
+
 def _hit(summary: dict[str, Any]) -> bool:
     return bool(summary.get("attack_success"))
 
@@ -95,17 +108,18 @@ def score(rows: list[dict[str, Any]], baseline: str = "none",
     victim's extra seeds (``replicate`` > 0) decide which hits are robust. ``clean`` (see
     :func:`read_clean_control`) takes clean-explained targets out of the robust hits.
     """
+    rows = _unique(rows)
     explained = {(r["seed"], r["trial"]) for r in rows if _explained(r, clean)}
     controlled = bool(clean)
     groups: dict[tuple[str, str, str], dict[tuple[int, int], dict[str, Any]]] = \
         defaultdict(dict)
-    reps: dict[tuple[str, str], dict[tuple[int, int], list[bool]]] = \
-        defaultdict(lambda: defaultdict(list))
+    seeds: dict[tuple[str, str], dict[tuple[int, int], dict[int, bool]]] = \
+        defaultdict(lambda: defaultdict(dict))
     control: dict[tuple[str, str, str], str] = {}
     for r in rows:
         target = (r["seed"], r["trial"])
         if r["defense"] == baseline:
-            reps[r["attack"], r["victim"]][target].append(_hit(r["summary"]))
+            seeds[r["attack"], r["victim"]][target][r.get("replicate", 0)] = _hit(r["summary"])
         if r.get("match"):
             control[r["attack"], r["victim"], r["match"]] = r["defense"]
         if r.get("replicate", 0) == 0:
@@ -122,15 +136,19 @@ def score(rows: list[dict[str, Any]], baseline: str = "none",
         clean_total = sum(s["train_examples"] - s["poisons_total"] for s in runs)
         seconds = statistics.fmean(s["wall_seconds"] for s in runs)
         ref = base_time.get((attack, victim))
-        undefended = reps.get((attack, victim), {})
+        undefended = seeds.get((attack, victim), {})
+        replicates = max((len(h) for h in undefended.values()), default=0)
+        # robust: hit with every replicate the folder has (a target missing one is not)
         robust = [t for t, hits in undefended.items()
-                  if hits and all(hits) and t in by_target and t not in explained]
+                  if len(hits) == replicates and all(hits.values()) and t in by_target
+                  and t not in explained]
         kept = [t for t in by_target if t not in explained]
         stopped = [t for t in robust if not _hit(by_target[t])]
         ctrl = groups.get((attack, victim, control.get((attack, victim, defense), "")))
         verified = None if ctrl is None else sum(1 for t in stopped if t in ctrl
                                                  and _hit(ctrl[t]))
-        misses = [t for t, hits in undefended.items() if hits and not hits[0] and t in by_target]
+        misses = [t for t, hits in undefended.items()  # missed by the first victim seed
+                  if hits.get(0) is False and t in by_target]
         out.append(DefenseScore(
             attack=attack, victim=victim, defense=defense, trials=n, success=p,
             success_se=math.sqrt(p * (1 - p) / n), clean_acc=statistics.fmean(accs),
@@ -138,7 +156,7 @@ def score(rows: list[dict[str, Any]], baseline: str = "none",
             poisons_removed=sum(s["poisons_dropped"] for s in runs) / max(poisons, 1),
             clean_removed=sum(s["clean_dropped"] for s in runs) / max(clean_total, 1),
             seconds=seconds, time_ratio=seconds / ref if ref else None,
-            replicates=max((len(h) for h in undefended.values()), default=0),
+            replicates=replicates,
             robust=len(robust),
             robust_success=(sum(_hit(by_target[t]) for t in robust) / len(robust)
                             if robust else None),
@@ -157,9 +175,10 @@ def markdown(scores: list[DefenseScore]) -> str:
     for attack, victim in keys:
         rows = [s for s in scores if (s.attack, s.victim) == (attack, victim)]
         reps = max(s.replicates for s in rows)
-        robust = rows[0].robust
+        first = next((s for s in rows if s.defense == "none"), rows[0])  # the undefended row
+        robust = first.robust
         net = any(s.net_success is not None for s in rows)
-        k = rows[0].clean_explained
+        k = first.clean_explained
         note = (f" ({k} clean-explained target{'' if k == 1 else 's'}, which a victim "
                 "trained without poisons already sends to the adversarial class, left out)"
                 if net else "")
@@ -197,6 +216,7 @@ def per_target(rows: list[dict[str, Any]], clean: CleanControl | None = None) ->
     each cell the outcome with the poisons and clean examples that defense dropped; with a
     clean control, a column of the clean victims that predict the adversarial class."""
     parts = []
+    rows = _unique(rows)
     keys = list(dict.fromkeys((r["attack"], r["victim"]) for r in rows))
     for attack, victim in keys:
         mine = [r for r in rows if (r["attack"], r["victim"]) == (attack, victim)]
