@@ -187,16 +187,29 @@ def test_poison_clusters_reads_a_transfer_bench(transfer_bench, tmp_path):
 @pytest.mark.slow
 def test_feature_isolation_reads_a_transfer_bench(transfer_bench, tmp_path):
     data = run_script("tools/feature_isolation.py", tmp_path, "--bench", str(transfer_bench),
-                      "--top", "0.1")
+                      "--top", "0.1", "--label-scores")
     assert data["benchmark"] == "feature_isolation"
     rows = {r["score"]: r for r in data["rows"]}
-    assert {"iso10", "ratio30", "drop5-50", "disagree10"} <= set(rows)
+    assert {"iso10", "ratio30", "drop5-50", "disagree10", "head-loss", "oof-loss"} <= set(rows)
     for r in rows.values():
         (count,) = r["per_trial"]
         assert 0 <= count <= 5
     (trial,) = data["trials"]
     assert 0 <= trial["group30_flagged"] <= 5 and 0 <= trial["poisons_off_label"] <= 1
     assert 0 <= trial["poison_median_percentile"] <= 1
+
+
+def test_label_scores_rank_a_mislabelled_example_first():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from feature_isolation import label_scores
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.cat([torch.randn(60, 4, generator=g) + 4, torch.randn(60, 4, generator=g) - 4])
+    labels = torch.cat([torch.zeros(60), torch.ones(60)]).long()
+    labels[5] = 1  # sits among class 0
+    logits = torch.stack([feats.sum(1), -feats.sum(1)], 1)  # a head that reads the clusters
+    for name, score in label_scores(feats, logits, labels).items():
+        assert int(score.argmax()) == 5, name
 
 
 def test_feature_isolation_ranks_a_tight_far_group_first():

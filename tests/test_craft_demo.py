@@ -96,6 +96,12 @@ def test_craft_cli_writes_valid_poisons_and_resumes(surrogate, tmp_path, capsys)
     with pytest.raises(SystemExit):
         main(args)  # rerun: existing trials are kept, not recrafted
     assert (out / "trial-000" / "poisons.npz").stat().st_mtime_ns == stamp
+    # another seed draws other targets: the stored trials are refused, not reused
+    capsys.readouterr()
+    assert main([*args, "--seed", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "trial-000/poisons.npz holds poisons for test image" in err and "--out" in err
+    assert (out / "trial-000" / "poisons.npz").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize("extra, message", [

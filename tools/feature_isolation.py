@@ -15,6 +15,12 @@ far from the rest of its class); ``disagree{k}``: share of the k nearest with an
 ``group{k}``: the larger of the percentile ranks of ``drop5-{k}`` and ``ratio{k}``
 (:func:`epic.selection.group_isolation`, what ``epic-plus`` ranks by default).
 
+With ``--label-scores`` it also ranks by how badly a linear classifier reads each example's
+label: ``head-loss``, the cross-entropy under the extractor's own head (which a transfer
+victim does not have: it trains a new head), and ``oof-loss``, under a logistic regression
+fit on the other folds of the poisoned set (5-fold, scikit-learn), as label-noise detectors
+do.
+
 Per trial it also reports how many poisons ``group30`` flags, the poisons' median percentile
 under it, and the share of poisons that the extractor's own head (the pretrained model's)
 assigns to a class other than their label: poisons still read as their label have not moved
@@ -57,6 +63,24 @@ def scores(features: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = K
     return out
 
 
+def label_scores(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, *,
+                 folds: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The two ``--label-scores``: the label's cross-entropy under the extractor's own head
+    (``logits``) and under an out-of-fold logistic regression on the standardised features."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    x = features.double().numpy()
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    y = labels.numpy()
+    proba = cross_val_predict(LogisticRegression(max_iter=300), x, y, method="predict_proba",
+                              cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+    oof = -np.log(proba[np.arange(len(y)), y] + 1e-12)
+    return {"head-loss": -logits.log_softmax(1).gather(1, labels[:, None]).squeeze(1),
+            "oof-loss": torch.from_numpy(oof).float()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", required=True, help="an epic bench folder (transfer config)")
@@ -64,6 +88,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the bench seed")
     parser.add_argument("--k", type=int, nargs="+", default=list(KS),
                         help=f"the far neighbours scored (default {' '.join(map(str, KS))})")
+    parser.add_argument("--label-scores", action="store_true",
+                        help="also rank by the label's loss under the extractor's own head "
+                             "and under an out-of-fold logistic regression")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if min(args.k) < 6:
@@ -80,7 +107,10 @@ def main() -> None:
                 forward_with_features(bench.surrogate, x.float() / 255)
                 for x in poisoned.images.split(500)], strict=True))
         flagged = int(round(args.top * len(feats)))
-        for name, score in scores(feats, poisoned.labels, tuple(args.k)).items():
+        ranked = scores(feats, poisoned.labels, tuple(args.k))
+        if args.label_scores:
+            ranked.update(label_scores(feats, logits, poisoned.labels))
+        for name, score in ranked.items():
             top = score.topk(flagged).indices
             counts.setdefault(name, []).append(int(is_poison[top].sum()))
         group = group_isolation(feats, poisoned.labels, k=30)

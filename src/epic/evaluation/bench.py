@@ -46,7 +46,7 @@ from ..attacks import AttackSpec, ThreatModel
 from ..data import PoisonSet, dataset_info, load_split
 from ..defenses import DefenseSpec
 from ..training import TrainConfig
-from .craft import CraftConfig, choose_targets, craft_poisons
+from .craft import CraftConfig, choose_targets, craft_poisons, craft_seed
 from .run import RunConfig, execute_run, pretrain, run_training, slice_bounds
 
 __all__ = ["BenchConfig", "Cell", "TRAIN_KEYS", "clean_control", "default_data_root",
@@ -621,7 +621,7 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
                      "adv_label": trial["adv_label"], "summary": summary, "rounds": rounds,
                      "config": {**run_cfg.to_dict(), "attack": attack},
                      "seeds": {"bench": cell.seed, "train": run_cfg.train.seed,
-                               "craft": cell.seed + cell.trial},
+                               "craft": craft_seed(cell.seed, cell.trial)},
                      "env": env, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         if main:
             write_jsonl(results_path, rows)

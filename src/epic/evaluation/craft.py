@@ -25,12 +25,12 @@ from .._io import write_json
 from .._validation import check_choice
 from ..attacks import ATTACKS, AttackSpec, Target
 from ..attacks.gradient_matching import Retrain
-from ..data import ImageTensors, dataset_info
+from ..data import ImageTensors, PoisonSet, dataset_info
 from ..models import create_model, load_model, read_model_spec
 from ..training import AUGMENTATIONS, Trainer
 from .run import RunConfig, load_splits, resolved_train_config
 
-__all__ = ["CraftConfig", "craft_poisons", "choose_targets", "retrainer"]
+__all__ = ["CraftConfig", "craft_poisons", "craft_seed", "choose_targets", "retrainer"]
 
 
 @dataclass
@@ -133,6 +133,27 @@ def retrainer(checkpoint: str | Path) -> Retrain:
     return retrain
 
 
+def craft_seed(seed: int, trial: int) -> int:
+    """The crafting seed of target ``trial`` of a run seeded ``seed``: distinct for every
+    (seed, trial) pair with fewer than 10,000 trials (``seed + trial`` gave seed 0's trial 1
+    and seed 1's trial 0 the same bases); ``trial`` itself for seed 0."""
+    return 10_000 * seed + trial
+
+
+def _check_reused(poisons: PoisonSet, path: Path, index: int, adv: int,
+                  train_slice: str | None) -> None:
+    """A resumed run reuses ``path`` only if it holds poisons for this target and split."""
+    stored = (poisons.target_index, poisons.adv_label)
+    if stored != (index, adv):
+        raise EpicError(f"{path} holds poisons for test image {stored[0]} (class {stored[1]}), "
+                        f"this run wants {index} (class {adv}); give a new --out, or delete "
+                        "that folder to craft it again")
+    was = poisons.metadata.get("train_slice")
+    if "train_slice" in poisons.metadata and was != train_slice:
+        raise EpicError(f"{path} was crafted on train_slice {was!r}, this run uses "
+                        f"{train_slice!r}; give a new --out, or delete that folder")
+
+
 def craft_poisons(cfg: CraftConfig, *, retrain: Retrain | None = None) -> list[dict[str, Any]]:
     """Craft every target's poisons; return one record per trial (also in targets.json).
 
@@ -153,11 +174,13 @@ def craft_poisons(cfg: CraftConfig, *, retrain: Retrain | None = None) -> list[d
         trial = out / f"trial-{k:03d}"
         path = trial / "poisons.npz"
         record = {"trial": k, "target_index": index, "adv_label": adv, "file": str(path)}
-        if not path.exists():
+        if path.exists():  # resumed: the trial's stored poisons must be for this target
+            _check_reused(PoisonSet.load(path), path, index, adv, cfg.train_slice)
+        else:
             target = Target.from_split(test, index, adv)
             t0 = time.perf_counter()
             extra = {"retrain": retrain} if retrain is not None else {}
-            poisons = attack.craft(models, train, target, threat, seed=cfg.seed + k,
+            poisons = attack.craft(models, train, target, threat, seed=craft_seed(cfg.seed, k),
                                    device=cfg.device, progress=cfg.progress, **extra)
             poisons = replace(poisons, metadata={
                 **poisons.metadata, "craft_seconds": time.perf_counter() - t0,
