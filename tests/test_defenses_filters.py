@@ -99,13 +99,18 @@ def test_deep_knn_blocks_match_one_pass(planted, monkeypatch):
     assert torch.equal(whole.scores, blocked.scores)
 
 
-def test_spectral_signatures_drops_the_budget_per_class(planted):
-    features, labels, logits, _ = planted
-    result = SpectralSignatures(expected_poison_fraction=0.05, removal=1.5).filter(
+def test_spectral_signatures_drops_the_whole_budget_from_every_class(planted):
+    """Tran et al. remove 1.5 times the expected number of poisons of the whole set from
+    every class (any class may hold them all): 1.5 * 0.02 * 305 = 9 each; the 5 planted
+    poisons of class 0 are all among them. Half a class at most."""
+    features, labels, logits, poison = planted
+    result = SpectralSignatures(expected_poison_fraction=0.02, removal=1.5).filter(
         features, labels, logits)
     dropped = torch.bincount(labels[~result.keep], minlength=3)
-    assert dropped.tolist() == [round(1.5 * 0.05 * 105), round(1.5 * 0.05 * 100),
-                                round(1.5 * 0.05 * 100)]
+    assert dropped.tolist() == [round(1.5 * 0.02 * 305)] * 3
+    assert not result.keep[poison].any()
+    capped = SpectralSignatures(expected_poison_fraction=1.0).filter(features, labels, logits)
+    assert torch.bincount(labels[~capped.keep], minlength=3).tolist() == [52, 50, 50]
     lone = SpectralSignatures(expected_poison_fraction=1.0).filter(
         torch.randn(3, 4), torch.tensor([0, 1, 2]), torch.zeros(3, 3))
     assert lone.keep.all()  # classes with one example are kept
@@ -186,8 +191,39 @@ def test_registry():
     defense = create_defense("deep-knn", k=5)
     assert isinstance(defense, DeepKNN) and defense.k == 5 and defense.name == "deep-knn"
     with pytest.raises(EpicError, match=r"no option\(s\) \['kk'\]; valid options are "
-                                        r"\['epoch', 'k'\]"):
+                                        r"\['epoch', 'k', 'retrain'\]"):
         create_defense("deep-knn", kk=5)
+
+
+def test_a_feature_filter_from_scratch_reads_a_fully_trained_copy_then_trains_anew(digits):
+    """The reference protocol: a copy of the model trained to the end on everything gives the
+    features (it is the undefended run of the same seed), the filter runs before the first
+    epoch, and the run itself trains from its initial weights on what is kept."""
+    train, _ = digits
+    subset = ImageTensors(train.images[:400], train.labels[:400], train.classes)
+    cfg = TrainConfig(epochs=3, batch_size=64, lr=0.05, augment="none", progress=False)
+    plain = Trainer(small_model(), subset, config=cfg)
+    plain.fit()
+    knn = create_defense("deep-knn", k=5)
+    trainer = Trainer(small_model(), subset, callbacks=[knn], config=cfg)
+    rng = torch.get_rng_state()
+    copy = trainer.train_copy()
+    assert torch.equal(torch.get_rng_state(), rng)  # this run's random state untouched
+    for a, b in zip(copy.model.state_dict().values(), plain.model.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+    features = plain.predict(features=True)[1]
+    expected = knn.filter(features, subset.labels, plain.predict()[0]).keep
+    trainer.fit()
+    (event,) = [e for e in trainer.events if e["event"] == "filter"]
+    assert event["epoch"] == 1 and event["retrained"]
+    assert torch.equal(trainer.active, expected.cpu()) and not expected.all()
+    # an explicit epoch filters mid-training instead; retrain needs epoch 0
+    late = create_defense("deep-knn", k=5, epoch=2)
+    Trainer(small_model(), subset, callbacks=[late], config=cfg).fit()
+    assert late.rounds[0]["epoch"] == 3 and not late.rounds[0]["retrained"]
+    with pytest.raises(EpicError, match="retrain filters before the run trains"):
+        create_defense("deep-knn", retrain=True, epoch=2)
 
 
 INTEGRATION = [

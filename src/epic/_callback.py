@@ -37,7 +37,9 @@ class TrainerView(Protocol):
 
     Methods: ``predict`` (eval-mode logits and features, shared out between ranks),
     ``inputs`` (the model-ready batches of training images, for a pass of the defense's
-    own) and ``set_active`` (train on a subset from the next batch on).
+    own), ``train_copy`` (a copy of the model trained to the end on the run's data and
+    recipe, for a defense that needs a trained model's view before this run trains) and
+    ``set_active`` (train on a subset from the next batch on).
     """
 
     config: Any
@@ -55,6 +57,8 @@ class TrainerView(Protocol):
                 precision: str | None = None) -> tuple[Tensor, Tensor | None]: ...
 
     def inputs(self, indices: Tensor | None = None) -> Iterator[Tensor]: ...
+
+    def train_copy(self) -> TrainerView: ...
 
     def set_active(self, mask: Tensor) -> None: ...
 

@@ -42,14 +42,15 @@ class ActivationClustering(FilterDefense):
             IBM's Adversarial Robustness Toolbox: above it, two clusters are read as two
             clean modes of the class.
         seed: seeds FastICA and k-means.
-        epoch: see :class:`FilterDefense`.
+        epoch, retrain: see :class:`FilterDefense`.
     """
 
     name = "activation-clustering"
 
     def __init__(self, *, dims: int = 10, reduction: str = "ica", size_threshold: float = 0.35,
-                 seed: int = 0, epoch: int | None = None) -> None:
-        super().__init__(epoch=epoch)
+                 seed: int = 0, epoch: int | None = None,
+                 retrain: bool | None = None) -> None:
+        super().__init__(epoch=epoch, retrain=retrain)
         self.dims = check_int("dims", dims, minimum=1)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.size_threshold = check_fraction("size_threshold", size_threshold)

@@ -32,13 +32,14 @@ class DeepKNN(FilterDefense):
         k: neighbours per example, capped at N - 1. The paper's ablations tie k to the number
             of poisons (about 1 to 2 times it works best); 50 suits budgets of a few dozen
             poisons, as in its CIFAR-10 experiments.
-        epoch: see :class:`FilterDefense`.
+        epoch, retrain: see :class:`FilterDefense`.
     """
 
     name = "deep-knn"
 
-    def __init__(self, *, k: int = 50, epoch: int | None = None) -> None:
-        super().__init__(epoch=epoch)
+    def __init__(self, *, k: int = 50, epoch: int | None = None,
+                 retrain: bool | None = None) -> None:
+        super().__init__(epoch=epoch, retrain=retrain)
         self.k = check_int("k", k, minimum=1)
 
     def filter(self, features: Tensor | None, labels: Tensor, logits: Tensor) -> FilterResult:

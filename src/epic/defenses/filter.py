@@ -3,9 +3,13 @@
 A filter's core is a pure function of tensors (:meth:`FilterDefense.filter`: penultimate
 features, labels and logits in, a :class:`FilterResult` out), like cleanlab's issue masks. As a
 training callback it runs once, at the start of epoch ``epoch``, on the examples still active,
-and training continues on what it keeps. By default that epoch is 0 when a pretrained model is
-loaded (transfer and fine-tune: the features are already meaningful) and the first
-learning-rate decay when training from scratch (the features of a partly trained model).
+and training continues on what it keeps. With a pretrained model (transfer and fine-tune: the
+features are already meaningful) that is epoch 0, on the model's features. From scratch a
+feature filter follows the reference protocol of the poisoning benchmarks' code (Geiping et
+al.): a model is first trained on the whole poisoned set with the run's recipe, the filter
+reads its features, and the run then trains from scratch on what it keeps (``retrain``; twice
+the training time). ``retrain=False`` filters mid-training instead, at the first
+learning-rate decay by default (the features of a partly trained model).
 """
 
 from __future__ import annotations
@@ -51,19 +55,29 @@ class FilterDefense(DropDefense):
 
     Args:
         epoch: the (0-based) epoch at whose start the filter runs; ``None`` picks 0 with a
-            pretrained model and the first learning-rate decay from scratch.
+            pretrained model or with ``retrain``, else the first learning-rate decay.
+        retrain: read the features of a copy of the model first trained to the end on the
+            whole set (:meth:`~epic.training.Trainer.train_copy`), then train the run from
+            its start on what the filter keeps. ``None`` (default): when training from
+            scratch, the filter needs features and no ``epoch`` is given.
     """
 
     name = "filter"
     event = "filter"
     needs_features = True
 
-    def __init__(self, *, epoch: int | None = None) -> None:
+    def __init__(self, *, epoch: int | None = None, retrain: bool | None = None) -> None:
         if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)
                                   or epoch < 0):
             raise EpicError(f"epoch must be an integer >= 0, got {epoch!r}")
+        if retrain is not None and not isinstance(retrain, bool):
+            raise EpicError(f"retrain must be true or false, got {retrain!r}")
+        if retrain and epoch not in (None, 0):
+            raise EpicError(f"retrain filters before the run trains (epoch 0), got epoch={epoch}")
         super().__init__()
         self.epoch = epoch
+        self.retrain = retrain
+        self._retrain = bool(retrain)
         self.at: int | None = epoch
         self.scores: Tensor | None = None
 
@@ -73,9 +87,11 @@ class FilterDefense(DropDefense):
         raise NotImplementedError
 
     def on_train_start(self, trainer: Any) -> None:
+        self._retrain = self.retrain if self.retrain is not None else (
+            self.needs_features and self.epoch is None and not trainer.config.pretrained)
         if self.epoch is not None:
             self.at = self.epoch
-        elif trainer.config.pretrained:
+        elif trainer.config.pretrained or self._retrain:
             self.at = 0
         else:
             decays = trainer.config.milestone_epochs()
@@ -86,7 +102,8 @@ class FilterDefense(DropDefense):
             return
         t0 = time.perf_counter()
         idx = trainer.active.nonzero().squeeze(1)
-        logits, feats = trainer.predict(idx, features=self.needs_features)
+        source = trainer.train_copy() if self._retrain else trainer
+        logits, feats = source.predict(idx, features=self.needs_features)
         labels = trainer.labels.index_select(0, idx.to(trainer.labels.device))
         result = self.filter(feats, labels, logits)
         if result.keep.shape != (len(idx),):
@@ -98,4 +115,4 @@ class FilterDefense(DropDefense):
         scores[idx] = result.scores.float().cpu()
         self.scores = scores
         self._drop(trainer, keep, epoch=epoch, started=t0, log={"defense": self.name},
-                   pool=len(idx))
+                   pool=len(idx), retrained=self._retrain)

@@ -3,7 +3,8 @@
 Tran, Li and Madry, "Spectral Signatures in Backdoor Attacks", NeurIPS 2018. Poisons shift the
 mean of their class in feature space, so they project strongly onto the top singular vector
 of the class's centred features; the paper removes 1.5 times the expected number of poisons
-with the largest projections, class by class.
+(an upper bound on their total, since the defender does not know which class holds them) with
+the largest projections from every class.
 """
 
 from __future__ import annotations
@@ -24,21 +25,22 @@ class SpectralSignatures(FilterDefense):
     """Per class, score each example by its squared projection onto the top singular vector
     of the class's centred penultimate features, and drop the highest scores.
 
-    Each class of n examples drops ``round(removal * expected_poison_fraction * n)`` (at most
-    n); classes with fewer than two examples are kept.
+    Every class drops ``round(removal * expected_poison_fraction * N)`` of its examples, N the
+    whole training set (the expected poisons may all be in any one class), at most half the
+    class; classes with fewer than two examples are kept.
 
     Args:
         expected_poison_fraction: the fraction of poisons the defender expects (the attack
             budget, e.g. 0.01), in (0, 1].
         removal: how many times the expected number of poisons to drop (1.5 in the paper).
-        epoch: see :class:`FilterDefense`.
+        epoch, retrain: see :class:`FilterDefense`.
     """
 
     name = "spectral-signatures"
 
     def __init__(self, *, expected_poison_fraction: float = 0.01, removal: float = 1.5,
-                 epoch: int | None = None) -> None:
-        super().__init__(epoch=epoch)
+                 epoch: int | None = None, retrain: bool | None = None) -> None:
+        super().__init__(epoch=epoch, retrain=retrain)
         self.expected_poison_fraction = check_fraction("expected_poison_fraction",
                                                        expected_poison_fraction)
         if isinstance(removal, bool) or not isinstance(removal, (int, float)) \
@@ -61,7 +63,7 @@ class SpectralSignatures(FilterDefense):
             top = torch.linalg.svd(x, full_matrices=False).Vh[0]
             score = (x @ top).square()
             scores[idx] = score
-            drop = min(round(self.removal * self.expected_poison_fraction * len(idx)), len(idx))
+            drop = min(round(self.removal * self.expected_poison_fraction * n), len(idx) // 2)
             if drop:
                 keep[idx[score.topk(drop).indices]] = False
         return FilterResult(keep=keep, scores=scores)

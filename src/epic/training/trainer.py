@@ -158,6 +158,7 @@ class Trainer:
                  poison_mask: Tensor | None = None, callbacks: Sequence[Callback] = (),
                  out_dir: str | Path | None = None) -> None:
         self.config = config or TrainConfig()
+        self._split = train  # for train_copy
         if self.config.augment is None:
             raise EpicError("TrainConfig.augment is None (the dataset's default, which "
                             "run_training fills in); give the Trainer one of "
@@ -401,6 +402,28 @@ class Trainer:
         if not features:
             return out, None
         return out, dist.all_gather_varlen(torch.cat(feats) if feats else empty)
+
+    def train_copy(self) -> Trainer:
+        """A copy of the model, from its current weights, trained to the end on this run's
+        training split with its config but no callbacks, no output and the same seed; its
+        trainer is returned (to :meth:`predict` with). For a defense that needs a fully
+        trained model's view of the data before this run trains (a filter's reference
+        protocol). The random states of this run are left as they were."""
+        import copy
+        import dataclasses
+        import random
+
+        import numpy as np
+
+        states = random.getstate(), np.random.get_state()
+        devices = [self.device] if self.cuda else []
+        with torch.random.fork_rng(devices=devices):
+            trainer = Trainer(copy.deepcopy(self.model), self._split,
+                              config=dataclasses.replace(self.config, progress=False))
+            trainer.fit(resume=False)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        return trainer
 
     def inputs(self, indices: Tensor | None = None) -> Iterator[Tensor]:
         """The model's inputs for the training examples ``indices`` (default all), in order,
