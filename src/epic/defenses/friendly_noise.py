@@ -134,8 +134,8 @@ class FriendlyNoise(DefenseCallback):
 
     Args:
         epoch: the (0-based) epoch at whose start the friendly perturbation is computed;
-            ``None`` picks 0 with a pretrained model and the first learning-rate decay from
-            scratch (half the epochs without a decay).
+            ``None`` picks 0 with a pretrained model and, from scratch, an eighth of the
+            epochs (at least 1), as the authors' scripts start it at epoch 5 of 40.
         friendly_eps: L-infinity budget of the friendly perturbation in pixel levels (/255).
         friendly_lambda: weight of its size against the KL divergence.
         friendly_steps: optimisation steps per batch.
@@ -178,9 +178,8 @@ class FriendlyNoise(DefenseCallback):
             self.at = self.epoch
         elif cfg.pretrained:
             self.at = 0
-        else:
-            decays = cfg.milestone_epochs()
-            self.at = decays[0] if decays else cfg.epochs // 2
+        else:  # the authors' 5 of 40, scaled
+            self.at = max(1, round(cfg.epochs / 8))
         self.generator = torch.Generator(device=trainer.device).manual_seed(cfg.seed + 3)
         if self._pending_generator is not None:
             self.generator.set_state(self._pending_generator)
