@@ -121,10 +121,10 @@ def test_a_pickled_module_is_named_not_loaded(tmp_path):
 
 
 def test_a_folder_for_a_file(tmp_path):
-    with pytest.raises(EpicError, match="'.*' is a folder; give a model file written by "
-                                        "`epic pretrain"):
+    with pytest.raises(EpicError, match="model checkpoint .* is a folder; give a model file "
+                                        "written by `epic pretrain"):
         load_model(tmp_path)
-    with pytest.raises(EpicError, match="bench config .* is a folder; pass a YAML config file"):
+    with pytest.raises(EpicError, match="bench config .* is a folder; give a YAML config file"):
         load_bench_config(tmp_path)
     with pytest.raises(EpicError, match="surrogate.checkpoint .* is a folder"):
         run_bench(load_bench_config({**TINY, "surrogate": {"checkpoint": str(tmp_path)}}),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from ._errors import EpicError
 
 __all__ = [
     "check_choice",
+    "check_file",
     "check_fraction",
     "check_int",
     "check_labels",
@@ -106,3 +108,14 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     if value not in choices:
         raise EpicError(f"unknown value {value!r} for {name}; valid values are {choices}")
     return value
+
+
+def check_file(path: str | Path, what: str, expected: str, *, create: str | None = None) -> Path:
+    """``path`` as a :class:`Path` if it is a file; else one line saying it is a folder or
+    missing, and what to give (``expected``) or how to make it (``create``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise EpicError(f"{what} {path} is a folder; give {expected}")
+    if not path.is_file():
+        raise EpicError(f"{what} {path} does not exist; " + (create or f"give {expected}"))
+    return path

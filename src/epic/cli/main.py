@@ -162,9 +162,11 @@ def train(
             raise EpicError("--checkpoint starts from a pretrained model: add --scenario "
                             "finetune (train all of it) or --scenario transfer (a new head on "
                             "its frozen features)")
+        from .._validation import check_file
         from ..models import read_model_spec
 
-        saved = read_model_spec(_existing_file(checkpoint, "--checkpoint"))[0].get("name")
+        saved = read_model_spec(check_file(checkpoint, "--checkpoint", "a model file from "
+                                           "`epic pretrain`"))[0].get("name")
         if model is not None and model != saved:
             raise EpicError(f"--model {model} differs from the --checkpoint's model {saved}; "
                             "leave --model out (the checkpoint fixes the architecture)")
@@ -450,17 +452,6 @@ def _check_out(path: Path, *, folder: bool, flag: str = "--out") -> None:
         raise EpicError(f"{flag} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise EpicError(f"{flag} {path}: cannot write in {parent}")
-
-
-def _existing_file(path: Path, flag: str) -> Path:
-    """``path`` if it is a file; otherwise an error naming ``flag``."""
-    from .._errors import EpicError
-
-    if path.is_dir():
-        raise EpicError(f"{flag} {path} is a folder; give a model file from `epic pretrain`")
-    if not path.exists():
-        raise EpicError(f"{flag} {path} does not exist")
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ from .. import __version__
 from .. import _distributed as dist
 from .._errors import EpicError
 from .._io import write_json, write_jsonl, write_yaml
+from .._validation import check_file
 from ..attacks import AttackSpec, ThreatModel
 from ..data import PoisonSet, dataset_info, load_split
 from ..defenses import DefenseSpec
@@ -175,13 +176,8 @@ def load_bench_config(source: str | Path | dict[str, Any]) -> BenchConfig:
     if isinstance(source, dict):
         raw = copy.deepcopy(source)
     else:
-        path = Path(source)
-        if path.is_dir():
-            raise EpicError(f"bench config {path} is a folder; pass a YAML config file such as "
-                            "configs/cpu-mnist.yaml")
-        if not path.is_file():
-            raise EpicError(f"bench config {path} does not exist; pass a YAML file such as "
-                            "configs/cpu-mnist.yaml")
+        path = check_file(source, "bench config",
+                          "a YAML config file such as configs/cpu-mnist.yaml")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
@@ -430,13 +426,8 @@ def _surrogates(cfg: BenchConfig, out: Path, root: str | None, seed: int) -> lis
 
 def _existing_checkpoint(path: Path) -> Path:
     """The config's ``surrogate.checkpoint``, if it is a file."""
-    if path.is_dir():
-        raise EpicError(f"surrogate.checkpoint {path} is a folder; give a model file written by "
-                        "`epic pretrain`")
-    if not path.is_file():
-        raise EpicError(f"surrogate.checkpoint {path} does not exist; create it with "
-                        "`epic pretrain`")
-    return path
+    return check_file(path, "surrogate.checkpoint", "a model file written by `epic pretrain`",
+                      create="create it with `epic pretrain`")
 
 
 def _stored_threat(entry: Any) -> ThreatModel | None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from .._errors import EpicError
 from .._io import atomic_write
+from .._validation import check_file
 from ._factory import create_model
 
 __all__ = ["save_model", "load_model", "read_model_spec"]
@@ -39,13 +40,8 @@ def save_model(path: str | Path, model: nn.Module, spec: dict[str, Any],
 
 
 def _read(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        raise EpicError(f"model checkpoint '{path}' is a folder; give a model file written by "
-                        "`epic pretrain --out PATH`")
-    if not path.is_file():
-        raise EpicError(f"model checkpoint '{path}' does not exist; create one with "
-                        "`epic pretrain --out PATH`")
+    path = check_file(path, "model checkpoint", "a model file written by `epic pretrain --out "
+                      "PATH`", create="create one with `epic pretrain --out PATH`")
     not_ours = f"cannot read model file {path}: not a model written by `epic pretrain`"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
