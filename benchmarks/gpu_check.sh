@@ -30,6 +30,9 @@
 #                      own cap or what is left of the budget, whichever is smaller.
 #   GPU_CHECK_TRAIN_SIZE, GPU_CHECK_EPOCHS   train_throughput's size (default 5000, 40).
 #   GPU_CHECK_SMOKE=1  run every step on the CPU at toy sizes (tests this script without a GPU).
+#   GPU_CHECK_PACK=1   pack logs/ (and torchrun's run folder) into logs.tar.gz at the end, so
+#                      OUT holds 4 files (the device tool brings back at most 8); every step's
+#                      log tail is in the JSON too.
 
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,7 +48,8 @@ RESERVE=15  # seconds kept for writing the JSON
 START=$SECONDS
 # this script's files only (a result left by an earlier run must not pass for this one's)
 rm -rf "$LOGS" "$OUTDIR/torchrun_train"
-rm -f "$JSON" "$OUTDIR/train_throughput.json" "$OUTDIR/gpu_selection_round.json"
+rm -f "$JSON" "$OUTDIR/train_throughput.json" "$OUTDIR/gpu_selection_round.json" \
+  "$OUTDIR/logs.tar.gz"
 mkdir -p "$LOGS" || exit 1
 STEPS="$LOGS/steps.tsv"
 : > "$STEPS"
@@ -172,6 +176,8 @@ for line in (logs / "steps.tsv").read_text().splitlines():
         step["note"] = note
     if (logs / f"{name}.log").exists():
         step["log"] = f"logs/{name}.log"
+        text = (logs / f"{name}.log").read_text(errors="replace")
+        step["log_tail"] = text[-3000:]  # the JSON alone tells what went wrong
     steps[name] = step  # a retried probe: the last try
 
 def attach(name, path, figures):
@@ -263,6 +269,12 @@ EOF
 
 finish() {  # finish EXIT_STATUS
   assemble
+  if [[ "${GPU_CHECK_PACK:-0}" == 1 ]]; then  # few files: logs/ (and torchrun's run) in one
+    local extra=()
+    [[ -d "$OUTDIR/torchrun_train" ]] && extra=(torchrun_train)
+    tar -czf "$OUTDIR/logs.tar.gz" -C "$OUTDIR" logs "${extra[@]}" \
+      && rm -rf "$LOGS" "$OUTDIR/torchrun_train" && echo "gpu_check: packed logs/ into $OUTDIR/logs.tar.gz"
+  fi
   exit "$1"
 }
 

@@ -44,6 +44,19 @@ def test_without_a_gpu_says_so_and_exits_0(tmp_path):
                                        "limit_seconds": 0, "note": "no GPU"}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_packed_output_is_few_files_and_the_json_holds_each_logs_tail(tmp_path):
+    """For the device tool, which brings back at most 8 files from OUT."""
+    import tarfile
+
+    proc, data = run_check(tmp_path, GPU_CHECK_PACK="1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "logs.tar.gz"]
+    with tarfile.open(tmp_path / "logs.tar.gz") as tar:
+        assert {"logs/steps.tsv", "logs/probe.log"} <= set(tar.getnames())
+    assert data["steps"]["probe"]["log_tail"]
+
+
 @pytest.mark.slow
 def test_every_step_at_toy_sizes_on_cpu(tmp_path):
     proc, data = run_check(tmp_path, GPU_CHECK_SMOKE="1")

@@ -169,3 +169,15 @@ def test_reused_matrix_storage_does_not_leak_into_results():
     for before, now in zip(kept, (first.medoids, first.assignment, first.min_dist, first.gains),
                            strict=True):
         assert torch.equal(before, now)
+
+
+def test_only_cpu_matrix_storage_is_kept_for_reuse():
+    """A GPU round's storage must not be handed to the next CPU round (torch.mm(out=) would
+    mix devices; found by a review before any GPU run). The meta device stands in for CUDA."""
+    fl._spare.clear()
+    gpu_like = fl._Distances.__new__(fl._Distances)
+    gpu_like.storage, gpu_like.full = torch.empty(100, device="meta"), None
+    gpu_like.release()
+    assert fl._spare == []
+    facility_location(clustered(200, 4, seed=11).float(), 10)  # a CPU round after it runs
+    assert fl._spare and fl._spare[0].device.type == "cpu"

@@ -153,7 +153,8 @@ class _Distances:
     def release(self) -> None:
         """Done with the matrix: keep its CPU storage for the next one (see ``_SPARE_MB``)."""
         storage, self.full, self.storage = getattr(self, "storage", None), None, None
-        if storage is not None and storage.numel() * storage.element_size() <= _SPARE_MB * _MiB:
+        if storage is not None and storage.device.type == "cpu" \
+                and storage.numel() * storage.element_size() <= _SPARE_MB * _MiB:
             _spare[:] = [storage, *_spare][:2]  # two: classes may run side by side
 
     def _compute(self, idx: Tensor) -> Tensor:
