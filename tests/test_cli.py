@@ -101,6 +101,7 @@ def test_list_reads_the_registries(capsys):
     (["train", "--eps", "8"], "--eps is the bound of the --poisons"),
     (["train", "--option", "subset_fraction=0.2", "--subset-fraction", "0.3"], "given twice"),
     (["train", "--checkpoint", "model.pt"], "add --scenario finetune"),
+    (["train", "--train-size", "99999"], "train_size 99999 is more than the 1347 training"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
     # in process: the entry point's own handling (one subprocess test below)

@@ -181,7 +181,10 @@ def load_splits(dataset: str, data_root: str | None, train_slice: str | None = N
 
 def _subset_indices(n: int, size: int, keep: torch.Tensor, seed: int) -> torch.Tensor:
     """A seeded sorted subset of ``range(n)`` of ``size`` that contains every index in ``keep``."""
-    if size >= n:
+    if size > n:
+        raise EpicError(f"train_size {size} is more than the {n} training examples; leave it "
+                        "out to train on all of them")
+    if size == n:
         return torch.arange(n)
     if size < len(keep):
         raise EpicError(f"train_size {size} is smaller than the {len(keep)} poisons; "
