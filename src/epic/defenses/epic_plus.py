@@ -48,7 +48,13 @@ from .. import _distributed as dist
 from .._errors import EpicError
 from .._validation import check_choice, check_fraction, check_int
 from ..models.features import StemReached, capture_stem_stats
-from ..selection import GradientProxy, group_isolation, knn_isolation, percentile_rank
+from ..selection import (
+    GradientProxy,
+    group_isolation,
+    knn_isolation,
+    percentile_rank,
+    small_classes,
+)
 from .base import register_defense
 from .epic import EpicDefense
 
@@ -58,13 +64,6 @@ __all__ = ["EpicPlus", "SCORES", "STEM_MODES", "class_concentration", "concentra
 SCORES = ("group", "knn")
 _DEFAULT_K = {"group": 30, "knn": 50}
 STEM_MODES = ("auto", "always", "never")
-
-
-def _small_classes(labels: torch.Tensor, k: int) -> torch.Tensor:
-    """(N,) mask of the examples whose class has at most ``2 * k`` examples: too few for a
-    ``k``-th neighbour to tell an outlier from the class's own extent (see
-    :func:`~epic.selection.group_isolation`); they are not scored."""
-    return torch.bincount(labels)[labels] <= 2 * k
 
 
 def stem_isolation(stats: torch.Tensor, labels: torch.Tensor, *, k: int = 10) -> torch.Tensor:
@@ -77,7 +76,7 @@ def stem_isolation(stats: torch.Tensor, labels: torch.Tensor, *, k: int = 10) ->
     at most ``2 * k`` examples rank 0."""
     z = (stats - stats.mean(0)) / stats.std(0).clamp(min=1e-6)
     sizes = torch.bincount(labels)
-    small = _small_classes(labels, k)
+    small = small_classes(labels, k)
     dist = torch.zeros(len(labels))
     for c in torch.unique(labels[~small]).tolist():
         idx = (labels == c).nonzero().squeeze(1)
@@ -291,7 +290,7 @@ class EpicPlus(EpicDefense):
             scores = self._group_scores(proxies.features, labels)
         else:
             scores = knn_isolation(proxies, labels, k=self.k).cpu()
-            scores[_small_classes(labels.cpu(), self.k)] = 0.0
+            scores[small_classes(labels.cpu(), self.k)] = 0.0
         stem_class = None
         if self.stem != "never" and self._stem_stats is not None and len(self._stem_stats) == n:
             labs = labels.cpu()

@@ -5,7 +5,7 @@ Imports only torch (and epic's plumbing): never the trainer, data or models.
 
 from .epic import EPIC, SelectionResult
 from .facility import FacilityLocationResult, facility_location, objective
-from .isolation import group_isolation, knn_isolation, percentile_rank
+from .isolation import group_isolation, knn_isolation, percentile_rank, small_classes
 from .proxy import GradientProxy, gradient_proxy, pairwise_distances
 from .schedule import SelectionSchedule
 
@@ -22,4 +22,5 @@ __all__ = [
     "objective",
     "pairwise_distances",
     "percentile_rank",
+    "small_classes",
 ]

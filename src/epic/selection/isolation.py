@@ -22,7 +22,7 @@ from .._errors import EpicError
 from .._validation import check_int, check_labels
 from .proxy import GradientProxy, as_proxy, pairwise_distances
 
-__all__ = ["group_isolation", "knn_isolation", "percentile_rank"]
+__all__ = ["group_isolation", "knn_isolation", "percentile_rank", "small_classes"]
 
 
 def knn_isolation(proxies: Tensor | GradientProxy, labels: Tensor, *, k: int = 10,
@@ -107,11 +107,8 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
         raise EpicError(f"spread must be <= k ({k}), got {spread}")
     labels = check_labels(labels, n, None).to(points.device)
     x = points.float()
-    sizes = torch.bincount(labels)[labels]  # (N,) size of each example's class
-    # a class of at most 2k examples is too small to hold a group apart from the rest of it:
-    # its d_k would measure the class's own extent, and a rare class the model has not
-    # learned sits among other classes as a whole; its examples are not scored
-    kk = torch.where(sizes > 2 * k, k, 0)
+    alone = small_classes(labels, k)  # not scored
+    kk = torch.where(alone, 0, k)
     nn_ = kk.clamp(max=near)
     top = int(min(k, n - 1))
     if top < 1:
@@ -128,7 +125,6 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
         own.append(near_own.values)
         own_idx.append(near_own.indices[:, :spread])
     own_t, any_t = torch.cat(own), torch.cat(anyc)
-    alone = kk < 1
     at = lambda t, j: t.gather(1, (j - 1).clamp(min=0)[:, None]).squeeze(1)  # noqa: E731
     dk, dn, ak = at(own_t, kk), at(own_t, nn_), at(any_t, kk)
     tiny = torch.finfo(torch.float32).tiny
@@ -146,6 +142,14 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
         around = score[nbr].masked_fill(~valid, float("nan")).nanmedian(1).values
         score = torch.maximum(score, around.nan_to_num(0.0))
     return score
+
+
+def small_classes(labels: Tensor, k: int) -> Tensor:
+    """(N,) mask of the examples whose class has at most ``2 * k`` examples: too few to hold
+    a group apart from the rest of it. A ``k``-th neighbour there measures the class's own
+    extent, and a rare class the model has not learned sits among other classes as a whole,
+    so the isolation scores leave such classes unscored."""
+    return torch.bincount(labels)[labels] <= 2 * k
 
 
 def percentile_rank(x: Tensor) -> Tensor:
