@@ -23,6 +23,15 @@ TINY = {
 }
 
 
+def test_victim_seeds_are_distinct_across_bench_seeds_trials_and_replicates():
+    cells = [bench_mod.Cell("a", "v", "none", s, t, r)
+             for s in range(3) for t in range(250) for r in range(10)]
+    seeds = {c.train_seed for c in cells}
+    assert len(seeds) == len(cells) and not seeds & {0, 1, 2}  # nor a surrogate's
+    # seed 0 keeps the seeds every stored bench trained its victims with
+    assert bench_mod.Cell("a", "v", "none", 0, 7, 2).train_seed == 1072
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")

@@ -81,6 +81,12 @@ def test_list_reads_the_registries(capsys):
                                                "resnet56"]
 
 
+def test_list_with_a_pattern_that_matches_nothing_says_so(capsys):
+    code, out = run_main(capsys, "list", "models", "zz*")
+    assert code == 2
+    assert out.strip() == "error: no models match 'zz*'; run `epic list models` to see them all"
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--model", "nope"], "unknown model 'nope'; choose from"),
     (["train", "--dataset", "cifar10", "--data-root", "/nonexistent"], "/nonexistent"),

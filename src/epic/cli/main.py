@@ -56,7 +56,12 @@ def list_cmd(kind: Annotated[Kind, typer.Argument(help="What to list.")],
         from ..attacks import list_attacks as names
     else:
         from ..defenses import list_defenses as names
-    for name in names(pattern):
+    found = names(pattern)
+    if not found:
+        from .._errors import EpicError
+        raise EpicError(f"no {kind.value} match {pattern!r}; run `epic list {kind.value}` "
+                        "to see them all")
+    for name in found:
         typer.echo(name)
 
 

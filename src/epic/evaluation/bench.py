@@ -109,9 +109,10 @@ class Cell:
 
     @property
     def train_seed(self) -> int:
-        """The victim's training seed: never the surrogate's (``seed``), distinct per trial
-        and replicate."""
-        return 1000 * (self.seed + 1) + 10 * self.trial + self.replicate
+        """The victim's training seed: never the surrogate's (``seed``), distinct for every
+        (seed, trial, replicate) below 999,900 trials (``1000 * (seed + 1)`` gave seed 0's
+        trial 100 and seed 1's trial 0 one seed); unchanged for seed 0."""
+        return 10_000_000 * self.seed + 1000 + 10 * self.trial + self.replicate
 
 
 _TOP_KEYS = {"name", "dataset", "data_root", "train_slice", "trials", "seeds", "replicates",
@@ -638,7 +639,7 @@ def _first_drop_epoch(row: dict[str, Any]) -> int | None:
 
 
 CLEAN_CONTROL = "clean_control.json"
-_CLEAN_SEED0 = 7000  # clean victims train with seeds 7000, 7001, ...: no cell uses them
+_CLEAN_SEED0 = 7000  # clean victims train with seeds 7000, 7001, ...: no cell below trial 600
 
 
 def _clean_train_seeds(n: int) -> list[int]:
