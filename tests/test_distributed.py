@@ -45,7 +45,8 @@ def _entry(rank, world, ports, out, state):
     out = Path(out)
     assert dist.init_from_env(backend="gloo", timeout=120)  # a hang fails instead
     result = {"helpers": _helpers(rank), "data": _data(rank), "epic": _epic_rounds(state),
-              "train": _train(rank, out), "plus": _plus(state)}
+              "train": _train(rank, out), "plus": _plus(state),
+              "filter": _filter()}
     dist.shutdown()
     os.environ["MASTER_PORT"] = str(ports[1])  # the command joins a group of its own
     result["cli"] = _cli(out)
@@ -238,6 +239,27 @@ def test_epic_plus_rounds_with_fewer_batches_than_ranks_agree(ranks):
     assert first["passes"][1:] and set(first["passes"][1:]) == {"training-features"}
     assert first["passes"] == second["passes"]
     assert torch.equal(first["active"], second["active"]) and not first["active"].all()
+
+
+def _filter():
+    """Deep k-NN from scratch, the reference protocol: inside its hook a copy of the model
+    trains to the end (``Trainer.train_copy``, itself distributed), then the run trains."""
+    from epic.defenses import create_defense
+
+    train = load_split("digits", None, train=True)
+    knn = create_defense("deep-knn", k=10)
+    trainer = Trainer(tiny_model(), train, config=TrainConfig(epochs=2, milestones=(), **CONFIG),
+                      callbacks=[knn])
+    trainer.fit()
+    return {"active": trainer.active, "state": trainer.model.state_dict()}
+
+
+@pytest.mark.slow
+def test_a_filter_that_trains_a_copy_first_agrees_across_ranks(ranks):
+    first, second = [r["filter"] for r in ranks[1]]
+    assert torch.equal(first["active"], second["active"]) and not first["active"].all()
+    for key, value in first["state"].items():
+        assert torch.equal(value, second["state"][key]), key
 
 
 # ---------------------------------------------------------------------------------- CLI
