@@ -284,3 +284,32 @@ def test_stem_texture_class_test_is_epic_plus_concentrated_class():
         if fired is not None:
             assert named == fired == 4 and count >= planted
         assert (fired is None) == (planted <= 5), planted  # chance puts 3 there
+
+
+@pytest.fixture(scope="module")
+def finetune_gm_bench(tmp_path_factory):
+    """A one-trial gradient-matching bench fine-tuning its surrogate on digits."""
+    out = tmp_path_factory.mktemp("finetune") / "bench"
+    cfg = load_bench_config({
+        "name": "tiny-finetune", "dataset": "digits", "trials": 1,
+        "surrogate": {"model": "convnet", "epochs": 2, "lr": 0.05, "batch_size": 64},
+        "victim": {"scenario": "finetune", "epochs": 2, "lr": 0.02, "batch_size": 64,
+                   "augment": "none", "eval_every": 0},
+        "attacks": [{"name": "gradient-matching", "budget": 0.02, "eps": 128,
+                     "options": {"steps": 2, "restarts": 1}}],
+        "defenses": ["none"]})
+    run_bench(cfg, out, progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_poison_contribution_ranks_and_retrains_a_finetune_bench(finetune_gm_bench, tmp_path):
+    data = run_script("tools/poison_contribution.py", tmp_path, "--bench",
+                      str(finetune_gm_bench), "--retrain", "0")
+    assert data["benchmark"] == "poison_contribution" and data["top"] == 0.03
+    (r,) = data["trials"]
+    assert r["trial"] == 0 and 0 < r["top10_share"] <= 1
+    for name in ("group", "loss", "misfit", "group+misfit"):
+        assert 0 <= r[f"{name}_share"] <= 1 and 0 <= r[f"{name}_poisons"] <= 27
+    assert isinstance(r["hit_without_group_top"], bool)
+    assert isinstance(r["hit_without_as_many_by_contribution"], bool)

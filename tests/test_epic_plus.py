@@ -13,7 +13,7 @@ from epic import EpicError
 from epic.defenses import EpicPlus, create_defense
 from epic.defenses.epic_plus import concentrated_class, stem_isolation, top_flags
 from epic.models import StemReached, capture_stem_stats, create_model, find_stem
-from epic.selection import GradientProxy, group_isolation, knn_isolation
+from epic.selection import GradientProxy, group_isolation, knn_isolation, neighbourhood_loss
 from epic.training import TrainConfig, Trainer
 
 
@@ -95,7 +95,7 @@ def test_epic_plus_group_score_drops_the_feature_space_group_not_the_gradient_ou
     knn = EpicPlus(fraction=0.03, score="knn", patience=1)
     dropped, _ = knn._decide(trainer, GradientProxy(vectors, x), y)
     assert knn.k == 50 and 7 in dropped.tolist()
-    with pytest.raises(EpicError, match="score='group' compares penultimate features"):
+    with pytest.raises(EpicError, match="score='group' reads penultimate features"):
         EpicPlus(proxy="logits")
     with pytest.raises(EpicError, match="k must be >= 6"):
         EpicPlus(k=5)
@@ -386,3 +386,68 @@ def test_texture_rank_does_not_single_out_a_smaller_class_of_the_same_texture():
                 fixed_k += hits == "fixed"
                 scaled_k += hits == "scaled"
     assert fixed_k >= 3 and scaled_k == 0
+
+
+def misfit_planted(seed=0):
+    """Class 0: a blob of 60 well-fitted points (loss 0.1), one hard clean point inside it
+    (loss 5) and a tight group of 6 apart from it whose losses are high (3); class 1: a blob
+    of 60 fitted points. Returns features, losses, labels and the group's indices."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([torch.randn(60, 4, generator=g), torch.randn(60, 4, generator=g) + 30,
+                   torch.randn(6, 4, generator=g) * 0.1 + 8])
+    y = torch.cat([torch.zeros(60), torch.ones(60), torch.zeros(6)]).long()
+    loss = torch.full((126,), 0.1)
+    loss[5] = 5.0  # hard, alone among fitted neighbours
+    loss[120:] = 3.0
+    return x, loss, y, torch.arange(120, 126)
+
+
+def test_neighbourhood_loss_ranks_a_group_the_model_does_not_fit_above_a_hard_example():
+    x, loss, y, group = misfit_planted()
+    score = neighbourhood_loss(x, loss, y, k=5)
+    assert torch.allclose(score[group], torch.full((6,), 3.0))  # the group's own losses
+    assert score[5] == pytest.approx((5.0 + 4 * 0.1) / 5)  # itself among 4 fitted ones
+    assert set(score.topk(6).indices.tolist()) == set(group.tolist())
+    # a class of at most 2k examples is not scored
+    small = neighbourhood_loss(x[:70], loss[:70], torch.cat([y[:60], torch.ones(10).long()]),
+                               k=5)
+    assert (small[60:] == 0).all() and (small[:60] > 0).all()
+    with pytest.raises(EpicError, match=r"losses must be a \(126,\) floating-point tensor"):
+        neighbourhood_loss(x, loss[:3], y)
+
+
+def test_epic_plus_misfit_drops_the_group_the_model_does_not_fit_not_a_hard_example():
+    x, loss, y, group = misfit_planted()
+    # logit proxies whose label entry gives each example's loss: p_y = exp(-loss)
+    vectors = torch.zeros(len(y), 2)
+    vectors[torch.arange(len(y)), y] = torch.exp(-loss) - 1
+    trainer = SimpleNamespace(active=torch.ones(len(y), dtype=torch.bool))
+    misfit = EpicPlus(fraction=0.05, patience=1, score="misfit", k=5)
+    dropped, _ = misfit._decide(trainer, GradientProxy(vectors, x), y)
+    assert set(dropped.tolist()) == set(group.tolist())  # 6 of the cap's 6; not example 5
+    fitted = vectors.clone()
+    fitted[group, 0] = torch.exp(torch.tensor(-0.01)) - 1  # the model fits the group
+    dropped, _ = EpicPlus(fraction=0.05, patience=1, score="misfit", k=5)._decide(
+        trainer, GradientProxy(fitted, x), y)
+    assert not set(dropped.tolist()) & set(group.tolist())
+    with pytest.raises(EpicError, match="score='misfit' reads penultimate features"):
+        EpicPlus(score="misfit", proxy="logits")
+
+
+@pytest.mark.parametrize("scenario, given, expected, k", [
+    ("scratch", None, "group", 30), ("transfer", None, "group", 30),
+    ("finetune", None, "misfit", 10), ("finetune", "group", "group", 30),
+    ("scratch", "misfit", "misfit", 10)])
+def test_score_defaults_to_misfit_when_fine_tuning_the_models_own_head(scenario, given,
+                                                                       expected, k):
+    plus = EpicPlus(score=given)
+    assert plus.score == (given or "group")  # before the run: the pick outside fine-tuning
+    plus.on_train_start(SimpleNamespace(config=TrainConfig(scenario=scenario, epochs=8)))
+    assert (plus.score, plus.k) == (expected, k)
+    # an option of the group score alone, given without a score, is refused at the start
+    spread = EpicPlus(spread=5)
+    if expected == "misfit" and given is None:
+        with pytest.raises(EpicError, match=r"spread applies to score='group', not 'misfit' "
+                                            r"\(fine-tuning picks it\)"):
+            spread.on_train_start(SimpleNamespace(config=TrainConfig(scenario=scenario,
+                                                                     epochs=8)))

@@ -32,6 +32,14 @@ that texture (``stem="auto"``). On CIFAR-10 at eps 8-16 no class stood out and n
 A pretrained model also gets its first round before its first epoch (``warmup`` 0): a
 fine-tuning run's first epoch at its highest learning rate is enough for the poisons to act.
 
+When fine-tuning, the rank is another (``score="misfit"``, picked by ``score=None``): the
+model's mean loss over an example and its nearest same-class neighbours. Gradient-matching
+poisons act through their gradients, which grow with their loss; on the model they were
+crafted on, a handful of high-loss poisons carries nearly all of the attack, and their
+neighbours are other poisons. A hard clean example has a high loss too, but among ordinary
+neighbours. The fine-tuned model's own head makes those losses meaningful from the first
+round; a transfer victim's head is new.
+
 It works with any schedule, constant learning rate included (rounds then run to the end).
 Once the cap is reached no later round could change what is kept (drops are permanent), so
 the rounds stop there and cost nothing more.
@@ -52,6 +60,7 @@ from ..selection import (
     GradientProxy,
     group_isolation,
     knn_isolation,
+    neighbourhood_loss,
     percentile_rank,
     small_classes,
 )
@@ -61,8 +70,8 @@ from .epic import EpicDefense
 __all__ = ["EpicPlus", "SCORES", "STEM_MODES", "class_concentration", "concentrated_class",
            "stem_isolation", "top_flags", "with_texture"]
 
-SCORES = ("group", "knn")
-_DEFAULT_K = {"group": 30, "knn": 50}
+SCORES = ("group", "knn", "misfit")
+_DEFAULT_K = {"group": 30, "knn": 50, "misfit": 10}
 STEM_MODES = ("auto", "always", "never")
 
 
@@ -173,16 +182,23 @@ class EpicPlus(EpicDefense):
     Args:
         fraction: share of the training set flagged per round, and the most ever dropped
             (default 0.03).
-        score: how isolation is measured. ``"group"`` (default): in the penultimate features,
-            the larger of the percentile ranks of ``d_k / d_5`` (a tight group far from the
-            rest of its class) and ``d_k / a_k`` (among other classes), where ``d_j`` is the
-            distance to the ``j``-th nearest same-class example and ``a_k`` to the ``k``-th of
-            any class (:func:`~epic.selection.group_isolation`; needs
-            ``proxy="last-layer"``). ``"knn"``: ``d_k`` in last-layer gradient space
-            (:func:`~epic.selection.knn_isolation`).
-        k: the far neighbour (default 30 for ``"group"``, 50 for ``"knn"``): above the number
-            of poisons an attack usually plants per target, which are each other's nearest
-            neighbours (docs/defenses.md).
+        score: what ranks an example. ``"group"``: in the penultimate features, the larger
+            of the percentile ranks of ``d_k / d_5`` (a tight group far from the rest of its
+            class) and ``d_k / a_k`` (among other classes), where ``d_j`` is the distance to
+            the ``j``-th nearest same-class example and ``a_k`` to the ``k``-th of any class
+            (:func:`~epic.selection.group_isolation`). ``"misfit"``: the model's mean loss
+            over an example and its ``k - 1`` nearest same-class examples in the penultimate
+            features (:func:`~epic.selection.neighbourhood_loss`: a spot of its class the
+            model does not fit). ``"knn"``: ``d_k`` in last-layer gradient space
+            (:func:`~epic.selection.knn_isolation`). ``None`` (default): ``"misfit"`` when
+            fine-tuning (``scenario="finetune"``: the model's head is the pretrained one, so
+            its losses mean something from the first round), ``"group"`` otherwise (a
+            transfer victim's head is new; from scratch the poisons are fitted early).
+            ``"group"`` and ``"misfit"`` need ``proxy="last-layer"``.
+        k: for ``"group"`` and ``"knn"`` the far neighbour (default 30 and 50), above the
+            number of poisons an attack usually plants per target, which are each other's
+            nearest neighbours (docs/defenses.md); for ``"misfit"`` the neighbourhood's size
+            (default 10).
         spread: with ``score="group"``, an example also takes the median score of its
             ``spread`` nearest same-class examples when higher (0, the default: off). A
             target's poisons are one group, so the ones the ratios miss sit among the ones
@@ -216,7 +232,8 @@ class EpicPlus(EpicDefense):
 
     name = "epic-plus"
 
-    def __init__(self, *, fraction: float = 0.03, score: str = "group", k: int | None = None,
+    def __init__(self, *, fraction: float = 0.03, score: str | None = None,
+                 k: int | None = None,
                  spread: int = 0, patience: int | None = None,
                  warmup: int | None = None, interval: int = 1, until: int | None = None,
                  proxy: str = "last-layer", proxy_pass: str | None = None,
@@ -228,17 +245,11 @@ class EpicPlus(EpicDefense):
                          proxy_precision=proxy_precision, seed=seed,
                          record_proxies=record_proxies)
         self.fraction = check_fraction("fraction", fraction)
-        self.score = check_choice("score", score, SCORES)
-        if self.score == "group" and self.proxy != "last-layer":
-            raise EpicError("score='group' compares penultimate features; use "
-                            "proxy='last-layer' or score='knn'")
-        self.k = _DEFAULT_K[self.score] if k is None else check_int(
-            "k", k, minimum=6 if self.score == "group" else 1)  # group: above its near=5
+        self._score = None if score is None else check_choice("score", score, SCORES)
+        self._k = None if k is None else check_int("k", k, minimum=1)
         self.spread = check_int("spread", spread, minimum=0)
-        if self.spread and self.score != "group":
-            raise EpicError("spread applies to score='group'; pass spread=0 with score='knn'")
-        if self.spread > self.k:
-            raise EpicError(f"spread must be <= k ({self.k}), got {self.spread}")
+        # until the run starts, score=None reads as "group" (its pick but in fine-tuning)
+        self._resolve(self._score or "group")
         self._proxy_pass = proxy_pass  # None: resolved at the start, as patience
         self._warmup_given = warmup
         self._patience = None if patience is None else check_int("patience", patience, minimum=1)
@@ -257,6 +268,24 @@ class EpicPlus(EpicDefense):
             self.patience = 1 if trainer.config.pretrained else 3
         if self._proxy_pass is None:
             self.proxy_pass = "training-features" if trainer.config.pretrained else "separate"
+        if self._score is None and trainer.config.scenario == "finetune":
+            self._resolve("misfit")
+
+    def _resolve(self, score: str) -> None:
+        """Set :attr:`score` and :attr:`k` (its default unless given), checked together."""
+        if score in ("group", "misfit") and self.proxy != "last-layer":
+            raise EpicError(f"score='{score}' reads penultimate features; use "
+                            "proxy='last-layer' or score='knn'")
+        k = _DEFAULT_K[score] if self._k is None else self._k
+        if score == "group" and k < 6:  # above its near neighbour, the 5th
+            raise EpicError(f"k must be >= 6 with score='group', got {k}")
+        if self.spread and score != "group":
+            picked = " (fine-tuning picks it)" if self._score is None else ""
+            raise EpicError(f"spread applies to score='group', not '{score}'{picked}; pass "
+                            "score='group' or spread=0")
+        if self.spread > k:
+            raise EpicError(f"spread must be <= k ({k}), got {self.spread}")
+        self.score, self.k = score, k
 
     def _budget(self, n: int) -> int:
         """The cap: examples flagged per round and dropped in all, of ``n``."""
@@ -288,6 +317,8 @@ class EpicPlus(EpicDefense):
         n = len(labels)
         if self.score == "group":  # the features' bias column of ones changes no distance
             scores = self._group_scores(proxies.features, labels)
+        elif self.score == "misfit":
+            scores = self._misfit_ranks(proxies, labels)
         else:
             scores = knn_isolation(proxies, labels, k=self.k).cpu()
             scores[small_classes(labels.cpu(), self.k)] = 0.0
@@ -315,6 +346,17 @@ class EpicPlus(EpicDefense):
         drop = torch.cat([out.nonzero().squeeze(1), ready]).sort().values
         return drop, {"flagged_now": int(flagged.sum()), "patience": self.patience,
                       "stem_class": -1 if stem_class is None else stem_class}
+
+    def _misfit_ranks(self, proxies: GradientProxy, labels: torch.Tensor) -> torch.Tensor:
+        """Percentile ranks of :func:`~epic.selection.neighbourhood_loss` of the label's
+        cross-entropy, read off the logit proxy (``p_y = 1 + (softmax(z) - onehot(y))_y``,
+        known to float32's resolution: a ``p_y`` below about 6e-8 reads as 0, whose loss is
+        cut at ``-log(tiny)``, about 87); 0 where unscored (small classes)."""
+        labs = labels.to(proxies.vectors.device)
+        p_y = 1.0 + proxies.vectors.float().gather(1, labs[:, None]).squeeze(1)
+        loss = -p_y.clamp(min=torch.finfo(torch.float32).tiny).log()
+        raw = neighbourhood_loss(proxies.features, loss, labs, k=self.k).cpu()
+        return percentile_rank(raw).masked_fill_(raw == 0, 0.0)
 
     def _group_scores(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """:func:`group_isolation` of the features, reused while they do not change (a frozen

@@ -5,7 +5,13 @@ Imports only torch (and epic's plumbing): never the trainer, data or models.
 
 from .epic import EPIC, SelectionResult
 from .facility import FacilityLocationResult, facility_location, objective
-from .isolation import group_isolation, knn_isolation, percentile_rank, small_classes
+from .isolation import (
+    group_isolation,
+    knn_isolation,
+    neighbourhood_loss,
+    percentile_rank,
+    small_classes,
+)
 from .proxy import GradientProxy, gradient_proxy, pairwise_distances
 from .schedule import SelectionSchedule
 
@@ -19,6 +25,7 @@ __all__ = [
     "gradient_proxy",
     "group_isolation",
     "knn_isolation",
+    "neighbourhood_loss",
     "objective",
     "pairwise_distances",
     "percentile_rank",

@@ -22,7 +22,8 @@ from .._errors import EpicError
 from .._validation import check_int, check_labels
 from .proxy import GradientProxy, as_proxy, pairwise_distances
 
-__all__ = ["group_isolation", "knn_isolation", "percentile_rank", "small_classes"]
+__all__ = ["group_isolation", "knn_isolation", "neighbourhood_loss", "percentile_rank",
+           "small_classes"]
 
 
 def knn_isolation(proxies: Tensor | GradientProxy, labels: Tensor, *, k: int = 10,
@@ -142,6 +143,50 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
         around = score[nbr].masked_fill(~valid, float("nan")).nanmedian(1).values
         score = torch.maximum(score, around.nan_to_num(0.0))
     return score
+
+
+def neighbourhood_loss(points: Tensor, losses: Tensor, labels: Tensor, *, k: int = 10,
+                       block: int = 1024) -> Tensor:
+    """(N,) mean of ``losses`` over each example and its ``k - 1`` nearest same-class examples.
+
+    A spot of its class that the model does not fit. Gradient-matching poisons act through
+    their gradients, which grow with their loss: under the model they were crafted on, a
+    handful of high-loss poisons carries almost all of the attack, and they sit among the
+    other poisons, which also have high losses. A hard clean example has a high loss too, but
+    its neighbours are ordinary ones, so its neighbourhood's mean stays low.
+
+    Args:
+        points: (N, D) vectors, e.g. penultimate features.
+        losses: (N,) per-example losses under the current model (e.g. cross-entropy).
+        labels: (N,) integer class labels.
+        k: neighbourhood size, the example itself included. Classes of at most ``2 * k``
+            examples are not scored (0), as in :func:`group_isolation`.
+        block: rows of the (block, N) distance block held at once.
+
+    Returns:
+        Float32 scores; 0 in classes of at most ``2 * k`` examples.
+    """
+    if not isinstance(points, Tensor) or points.ndim != 2 or not points.is_floating_point():
+        raise EpicError("points must be an (N, D) floating-point tensor")
+    n = len(points)
+    if n == 0:
+        raise EpicError("points are empty: there are no examples to score")
+    check_int("k", k, minimum=1)
+    if not isinstance(losses, Tensor) or losses.shape != (n,) or not losses.is_floating_point():
+        raise EpicError(f"losses must be a ({n},) floating-point tensor, one per example")
+    labels = check_labels(labels, n, None).to(points.device)
+    x, loss = points.float(), losses.float().to(points.device)
+    sq = x.pow(2).sum(1)
+    alone = small_classes(labels, k)
+    score = torch.zeros(n, device=points.device)
+    for lo in range(0, n, block):
+        rows = torch.arange(lo, min(lo + block, n), device=points.device)
+        d = pairwise_distances(x[rows], x, a_sq=sq[rows], b_sq=sq)
+        d[torch.arange(len(rows), device=d.device), rows] = -1.0  # itself first
+        d.masked_fill_(labels[rows, None] != labels[None, :], float("inf"))
+        near = d.topk(min(k, n), dim=1, largest=False).indices
+        score[rows] = loss[near].mean(1)
+    return score.masked_fill_(alone, 0.0)
 
 
 def small_classes(labels: Tensor, k: int) -> Tensor:
