@@ -173,6 +173,11 @@ def test_report_tables_and_plots(finished, tmp_path):
     ({"seeds": "0"}, "seeds"),
     ({"dataset": "imagenet-1k"}, "unknown dataset"),
     ({"defenses": ["none", "none"]}, "used twice"),
+    # an option that the victim's scenario rules out: fine-tuning picks the misfit score
+    ({"victim": {"scenario": "finetune", "epochs": 3},
+      "defenses": [{"name": "epic-plus", "options": {"spread": 5}}]},
+     r"defenses\[0\] \(epic-plus\) for victims\[0\] \(victim\): spread applies to "
+     r"score='group', not 'misfit'"),
 ])
 def test_malformed_config_names_the_bad_key(change, message):
     with pytest.raises(EpicError, match=message):

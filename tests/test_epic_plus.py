@@ -229,6 +229,12 @@ def test_a_fine_tuning_run_gets_its_first_round_before_any_training_step(digits)
     assert [r["epoch"] - 1 for r in plus.rounds] == [0]  # the cap is full after it
     assert int((~trainer.active).sum()) == int(0.02 * len(train.labels))
     assert plus.patience == 1 and plus.proxy_pass == "training-features"
+    # the score fine-tuning picks is in the run's summary and in every round's record
+    assert plus.summary()["score"] == "misfit" and plus.summary()["k"] == 10
+    assert plus.rounds[0]["score"] == "misfit"
+    # the same defense reused from scratch picks its score again
+    plus.on_train_start(SimpleNamespace(config=TrainConfig(scenario="scratch", epochs=8)))
+    assert (plus.score, plus.k) == ("group", 30)
 
 
 

@@ -9,11 +9,12 @@ ranks the poisoned training set by target-free scores, as a defense's first roun
 it (the surrogate's penultimate features and losses), and reports the share of the poisons'
 positive contribution that each score's top ``--top`` of the set holds:
 
-- ``group``: :func:`epic.selection.group_isolation` (k=30), ``epic-plus``'s default score;
+- ``group``: :func:`epic.selection.group_isolation` (k=30), ``epic-plus``'s score outside
+  fine-tuning;
 - ``loss``: the label's cross-entropy;
 - ``misfit``: :func:`epic.selection.neighbourhood_loss` (the mean loss over an example and its
-  9 nearest same-class examples);
-- ``group+misfit``: the larger of the two percentile ranks (``epic-plus`` with ``misfit``).
+  9 nearest same-class examples), ``epic-plus``'s score when fine-tuning;
+- ``group+misfit``: the larger of the two percentile ranks (a combination tried, not kept).
 
     OMP_NUM_THREADS=1 python tools/poison_contribution.py --bench runs/bench/e16-a
 
@@ -83,6 +84,7 @@ def hit_without(bench, poisons: PoisonSet, drop: torch.Tensor, trial: int) -> bo
         run = RunConfig(dataset=cfg.dataset, data_root=root,
                         model=victim.get("model", "convnet"), width=victim.get("width"),
                         poisons=str(Path(tmp) / "poisons.npz"), train_slice=cfg.train_slice,
+                        train_size=victim.get("train_size"),
                         checkpoint=str(surrogate_paths(cfg, bench.folder, bench.seed)[0]),
                         out=str(Path(tmp) / "run"),
                         train={**train, "seed": seed, "progress": False})
@@ -96,14 +98,23 @@ def main() -> None:
     parser.add_argument("--top", type=float, default=0.03, help="share of the set flagged")
     parser.add_argument("--seed", type=int, default=0, help="the bench seed")
     parser.add_argument("--trials", type=int, default=None, help="only the first N trials")
+    parser.add_argument("--attack", default=None,
+                        help="the attack's label (default: the config's first gradient matching)")
     parser.add_argument("--retrain", type=int, nargs="*", default=[],
                         help="trials whose victim is also trained without chosen poisons")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     bench = open_bench(args.bench, args.seed)
+    if bench.config.victims[0].get("scenario") != "finetune":
+        parser.error("the bench's first victim must fine-tune the surrogate (scenario: "
+                     "finetune): the contributions are taken on the model it starts from")
+    attack = args.attack or next((a["label"] for a in bench.config.attacks
+                                  if a["name"] == "gradient-matching"), None)
+    if attack is None:
+        parser.error("the bench has no gradient-matching attack; pass --attack LABEL")
     model = bench.surrogate
-    files = sorted(bench.folder.glob(f"poisons/*/seed{args.seed}/trial-*/poisons.npz"))
+    files = sorted(bench.folder.glob(f"poisons/{attack}/seed{args.seed}/trial-*/poisons.npz"))
     files = files[:args.trials] if args.trials else files
     if not files:
         parser.error(f"no poisons in {bench.folder}/poisons: run the bench first")
@@ -124,7 +135,7 @@ def main() -> None:
         misfit = neighbourhood_loss(feats, loss, labels, k=10)
         scores = {"group": group, "loss": loss, "misfit": misfit,
                   "group+misfit": torch.maximum(group, percentile_rank(misfit))}
-        flagged = int(round(args.top * len(labels)))
+        flagged = int(args.top * len(labels))  # as epic-plus's cap
         ranked = positive[is_poison].sort(descending=True).values
         total = float(positive.sum()) or 1.0  # no poison helps the attacker: shares are 0
         row = {"trial": int(path.parent.name.split("-")[-1]),

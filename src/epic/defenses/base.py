@@ -106,6 +106,12 @@ class DefenseCallback(Callback):
         built (a data-level defense such as JPEG compression). Default: unchanged."""
         return images
 
+    def check_config(self, config: Any) -> None:
+        """Raise :class:`~epic.EpicError` if the defense's options cannot run with the
+        training config ``config`` (a :class:`~epic.training.TrainConfig`), e.g. an option
+        of a choice the scenario makes; ``epic bench`` calls it before any work. Default:
+        every config."""
+
     def summary(self) -> dict[str, Any]:
         """What the defense did, for ``summary.json`` (e.g. examples dropped)."""
         return {}

@@ -8,7 +8,8 @@ three things:
 
 * **what is isolated**: the poisons of one target are crafted towards one point, so among the
   penultimate features (the right factor of the last-layer gradient ``g ⊗ [h, 1]``) they form a
-  small group apart from the clean examples of their label. The default score
+  small group apart from the clean examples of their label. The default score outside
+  fine-tuning
   (:func:`~epic.selection.group_isolation`) ranks that shape: a far ``k``-th same-class
   neighbour against a close 5th one, or a ``k``-th same-class neighbour far against the
   ``k``-th of any class. ``score="knn"`` keeps the first version's distance to the ``k``-th
@@ -268,24 +269,34 @@ class EpicPlus(EpicDefense):
             self.patience = 1 if trainer.config.pretrained else 3
         if self._proxy_pass is None:
             self.proxy_pass = "training-features" if trainer.config.pretrained else "separate"
-        if self._score is None and trainer.config.scenario == "finetune":
-            self._resolve("misfit")
+        if self._score is None:
+            self._resolve("misfit" if trainer.config.scenario == "finetune" else "group")
+
+    def check_config(self, config: Any) -> None:
+        if self._score is None:  # what on_train_start will pick
+            self._checked("misfit" if config.scenario == "finetune" else "group")
 
     def _resolve(self, score: str) -> None:
-        """Set :attr:`score` and :attr:`k` (its default unless given), checked together."""
+        """Set :attr:`score` and :attr:`k` (its default unless given)."""
+        self.score, self.k = self._checked(score)
+
+    def _checked(self, score: str) -> tuple[str, int]:
+        """``(score, k)`` for ``score``, its ``k`` and the other options checked together."""
         if score in ("group", "misfit") and self.proxy != "last-layer":
             raise EpicError(f"score='{score}' reads penultimate features; use "
                             "proxy='last-layer' or score='knn'")
         k = _DEFAULT_K[score] if self._k is None else self._k
         if score == "group" and k < 6:  # above its near neighbour, the 5th
-            raise EpicError(f"k must be >= 6 with score='group', got {k}")
+            picked = (" (what score=None picks outside fine-tuning); give score='misfit' or "
+                      "'knn' for a smaller k") if self._score is None else ""
+            raise EpicError(f"k must be >= 6 with score='group', got {k}{picked}")
         if self.spread and score != "group":
             picked = " (fine-tuning picks it)" if self._score is None else ""
             raise EpicError(f"spread applies to score='group', not '{score}'{picked}; pass "
                             "score='group' or spread=0")
         if self.spread > k:
             raise EpicError(f"spread must be <= k ({k}), got {self.spread}")
-        self.score, self.k = score, k
+        return score, k
 
     def _budget(self, n: int) -> int:
         """The cap: examples flagged per round and dropped in all, of ``n``."""
@@ -345,16 +356,21 @@ class EpicPlus(EpicDefense):
             ready = ready[order.topk(max(room, 0)).indices]
         drop = torch.cat([out.nonzero().squeeze(1), ready]).sort().values
         return drop, {"flagged_now": int(flagged.sum()), "patience": self.patience,
+                      "score": self.score, "k": self.k,
                       "stem_class": -1 if stem_class is None else stem_class}
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "score": self.score, "k": self.k}
 
     def _misfit_ranks(self, proxies: GradientProxy, labels: torch.Tensor) -> torch.Tensor:
         """Percentile ranks of :func:`~epic.selection.neighbourhood_loss` of the label's
         cross-entropy, read off the logit proxy (``p_y = 1 + (softmax(z) - onehot(y))_y``,
-        known to float32's resolution: a ``p_y`` below about 6e-8 reads as 0, whose loss is
-        cut at ``-log(tiny)``, about 87); 0 where unscored (small classes)."""
+        known to float32's resolution near 1, 2**-24: a loss is cut at ``24 log 2``, about
+        16.6, so every example the model gets that wrong counts the same); 0 where unscored
+        (small classes)."""
         labs = labels.to(proxies.vectors.device)
         p_y = 1.0 + proxies.vectors.float().gather(1, labs[:, None]).squeeze(1)
-        loss = -p_y.clamp(min=torch.finfo(torch.float32).tiny).log()
+        loss = -p_y.clamp(min=2.0 ** -24).log()
         raw = neighbourhood_loss(proxies.features, loss, labs, k=self.k).cpu()
         return percentile_rank(raw).masked_fill_(raw == 0, 0.0)
 

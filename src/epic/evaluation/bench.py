@@ -334,6 +334,13 @@ def _check_defenses(defenses: list[dict[str, Any]], victims: list[dict[str, Any]
                     via = f" with the defense_options.{name} of {' and '.join(owners)}" \
                         if owners else ""
                     raise EpicError(f"{where}{via}: {err}") from None
+        for (owner, extra), victim in zip(per_victim, victims, strict=True):
+            options = {**extra.get(name, {}), **d["options"], **count}
+            train = TrainConfig.from_dict({k: victim[k] for k in TRAIN_KEYS if k in victim})
+            try:  # what the victim's scenario makes of the options
+                DefenseSpec(name, options).create(seed=0).check_config(train)
+            except (TypeError, ValueError) as err:
+                raise EpicError(f"{where} for {owner}: {err}") from None
 
 
 def read_results(path: str | Path) -> list[dict[str, Any]]:
