@@ -288,3 +288,21 @@ def test_a_folder_may_grow(tmp_path, stops_after_checks):
     (folder / "targets.json").write_text(json.dumps(data))
     with pytest.raises(EpicError, match="crafted with eps 16, but the config says eps 128"):
         run_bench(load_bench_config(grown), tmp_path, progress=False)
+
+
+def test_a_defense_option_the_scenario_rules_out_is_refused_before_anything_is_written(
+        tmp_path):
+    """Fine-tuning picks EPIC-plus's misfit score, which has no ``spread``: the run says so
+    before it writes its folder (a bench config says so when it loads, test_bench.py)."""
+    from epic.defenses import DefenseSpec
+    from epic.evaluation import RunConfig
+    from epic.evaluation.run import execute_run
+
+    out = tmp_path / "run"
+    cfg = RunConfig(defense=DefenseSpec("epic-plus", {"spread": 5}),
+                    checkpoint=str(tmp_path / "model.pt"), out=str(out),
+                    train={"scenario": "finetune", "epochs": 1})
+    with pytest.raises(EpicError, match="spread applies to score='group', not 'misfit' "
+                                        r"\(fine-tuning picks it\)"):
+        execute_run(cfg)
+    assert not out.exists() or not any(out.iterdir())

@@ -322,6 +322,7 @@ def execute_run(cfg: RunConfig, *,
     # undefended, or the defense whose draws follow the run's seed
     defense: DefenseCallback = (NoDefense() if cfg.defense is None
                                 else cfg.defense.create(seed=train_cfg.seed))
+    defense.check_config(train_cfg)  # before anything is written
     if cfg.stream and defense.needs_images:
         raise EpicError(f"defense '{defense.name}' needs every training image in memory; drop "
                         f"--stream or choose another defense")
