@@ -156,20 +156,24 @@ def test_gm_alignment_reads_a_bench_folder(proxy_pass_bench, tmp_path):
         assert 0 <= r[f"{model}_p_adv"] <= 1
 
 
-@pytest.fixture(scope="module")
-def transfer_bench(tmp_path_factory):
-    """A one-trial bullseye bench in transfer on digits (what the tools read)."""
-    out = tmp_path_factory.mktemp("transfer") / "bench"
+def one_trial_bench(out: Path, name: str, victim: dict, attack: dict) -> Path:
+    """Run an undefended one-target bench on digits (a surrogate of 2 epochs) into ``out``."""
     cfg = load_bench_config({
-        "name": "tiny-transfer", "dataset": "digits", "trials": 1,
+        "name": name, "dataset": "digits", "trials": 1,
         "surrogate": {"model": "convnet", "epochs": 2, "lr": 0.05, "batch_size": 64},
-        "victim": {"scenario": "transfer", "epochs": 4, "lr": 0.1, "batch_size": 64,
-                   "eval_every": 0},
-        "attacks": [{"name": "bullseye-polytope", "num_poisons": 5, "eps": 128,
-                     "options": {"steps": 2}}],
+        "victim": {"batch_size": 64, "eval_every": 0, **victim}, "attacks": [attack],
         "defenses": ["none"]})
     run_bench(cfg, out, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def transfer_bench(tmp_path_factory):
+    """A one-trial bullseye bench in transfer on digits (what the tools read)."""
+    return one_trial_bench(
+        tmp_path_factory.mktemp("transfer") / "bench", "tiny-transfer",
+        {"scenario": "transfer", "epochs": 4, "lr": 0.1},
+        {"name": "bullseye-polytope", "num_poisons": 5, "eps": 128, "options": {"steps": 2}})
 
 
 @pytest.mark.slow
@@ -289,17 +293,11 @@ def test_stem_texture_class_test_is_epic_plus_concentrated_class():
 @pytest.fixture(scope="module")
 def finetune_gm_bench(tmp_path_factory):
     """A one-trial gradient-matching bench fine-tuning its surrogate on digits."""
-    out = tmp_path_factory.mktemp("finetune") / "bench"
-    cfg = load_bench_config({
-        "name": "tiny-finetune", "dataset": "digits", "trials": 1,
-        "surrogate": {"model": "convnet", "epochs": 2, "lr": 0.05, "batch_size": 64},
-        "victim": {"scenario": "finetune", "epochs": 2, "lr": 0.02, "batch_size": 64,
-                   "augment": "none", "eval_every": 0},
-        "attacks": [{"name": "gradient-matching", "budget": 0.02, "eps": 128,
-                     "options": {"steps": 2, "restarts": 1}}],
-        "defenses": ["none"]})
-    run_bench(cfg, out, progress=False)
-    return out
+    return one_trial_bench(
+        tmp_path_factory.mktemp("finetune") / "bench", "tiny-finetune",
+        {"scenario": "finetune", "epochs": 2, "lr": 0.02, "augment": "none"},
+        {"name": "gradient-matching", "budget": 0.02, "eps": 128,
+         "options": {"steps": 2, "restarts": 1}})
 
 
 @pytest.mark.slow

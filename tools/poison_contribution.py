@@ -142,14 +142,14 @@ def main() -> None:
                "top10_share": float(ranked[:10].sum() / total),
                "loss_corr": float(torch.corrcoef(torch.stack(
                    [contrib[is_poison], loss[is_poison]]))[0, 1])}
-        for name, score in scores.items():
-            top = score.topk(flagged).indices
+        tops = {name: score.topk(flagged).indices for name, score in scores.items()}
+        for name, top in tops.items():
             row[f"{name}_share"] = float(positive[top].sum() / total)
             row[f"{name}_poisons"] = int(is_poison[top].sum())
         if row["trial"] in args.retrain:
             order = contrib[poisons.base_indices].argsort(descending=True)
             top = torch.zeros(len(labels), dtype=torch.bool)
-            top[group.topk(flagged).indices] = True
+            top[tops["group"]] = True
             by_group = top[poisons.base_indices]  # poison i is among the group score's top
             by_contrib = torch.zeros(len(order), dtype=torch.bool)
             by_contrib[order[:int(by_group.sum())]] = True

@@ -15,6 +15,8 @@ among examples of another class.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -94,11 +96,8 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
     Returns:
         Float32 scores; 0 in classes of at most ``2 * k`` examples.
     """
-    if not isinstance(points, Tensor) or points.ndim != 2 or not points.is_floating_point():
-        raise EpicError("points must be an (N, D) floating-point tensor")
-    n = len(points)
-    if n == 0:
-        raise EpicError("points are empty: there are no examples to score")
+    x = _checked_points(points)
+    n = len(x)
     check_int("k", k, minimum=2)
     check_int("near", near, minimum=1)
     if near >= k:
@@ -107,19 +106,14 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
     if spread > k:
         raise EpicError(f"spread must be <= k ({k}), got {spread}")
     labels = check_labels(labels, n, None).to(points.device)
-    x = points.float()
     alone = small_classes(labels, k)  # not scored
     kk = torch.where(alone, 0, k)
     nn_ = kk.clamp(max=near)
     top = int(min(k, n - 1))
     if top < 1:
         return torch.zeros(n, device=points.device)
-    sq = x.pow(2).sum(1)
     own, own_idx, anyc = [], [], []
-    for lo in range(0, n, block):
-        rows = torch.arange(lo, min(lo + block, n), device=points.device)
-        d = pairwise_distances(x[rows], x, a_sq=sq[rows], b_sq=sq)
-        d[torch.arange(len(rows), device=d.device), rows] = float("inf")  # not itself
+    for rows, d in _distance_blocks(x, block, itself=float("inf")):  # not its own neighbour
         anyc.append(d.topk(top, dim=1, largest=False).values)
         d.masked_fill_(labels[rows, None] != labels[None, :], float("inf"))
         near_own = d.topk(top, dim=1, largest=False)
@@ -166,27 +160,41 @@ def neighbourhood_loss(points: Tensor, losses: Tensor, labels: Tensor, *, k: int
     Returns:
         Float32 scores; 0 in classes of at most ``2 * k`` examples.
     """
-    if not isinstance(points, Tensor) or points.ndim != 2 or not points.is_floating_point():
-        raise EpicError("points must be an (N, D) floating-point tensor")
-    n = len(points)
-    if n == 0:
-        raise EpicError("points are empty: there are no examples to score")
+    x = _checked_points(points)
+    n = len(x)
     check_int("k", k, minimum=1)
     if not isinstance(losses, Tensor) or losses.shape != (n,) or not losses.is_floating_point():
         raise EpicError(f"losses must be a ({n},) floating-point tensor, one per example")
     labels = check_labels(labels, n, None).to(points.device)
-    x, loss = points.float(), losses.float().to(points.device)
-    sq = x.pow(2).sum(1)
+    loss = losses.float().to(points.device)
     alone = small_classes(labels, k)
     score = torch.zeros(n, device=points.device)
-    for lo in range(0, n, block):
-        rows = torch.arange(lo, min(lo + block, n), device=points.device)
-        d = pairwise_distances(x[rows], x, a_sq=sq[rows], b_sq=sq)
-        d[torch.arange(len(rows), device=d.device), rows] = -1.0  # itself first
+    for rows, d in _distance_blocks(x, block, itself=-1.0):  # itself first
         d.masked_fill_(labels[rows, None] != labels[None, :], float("inf"))
         near = d.topk(min(k, n), dim=1, largest=False).indices
         score[rows] = loss[near].mean(1)
     return score.masked_fill_(alone, 0.0)
+
+
+def _checked_points(points: Tensor) -> Tensor:
+    """``points`` as float32 after the checks every score makes: (N, D), floating, N > 0."""
+    if not isinstance(points, Tensor) or points.ndim != 2 or not points.is_floating_point():
+        raise EpicError("points must be an (N, D) floating-point tensor")
+    if len(points) == 0:
+        raise EpicError("points are empty: there are no examples to score")
+    return points.float()
+
+
+def _distance_blocks(x: Tensor, block: int, *, itself: float) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(rows, d)`` for each block of ``block`` rows of ``x``: their indices and their (rows,
+    N) Euclidean distances to every row, an example's distance to itself set to ``itself``
+    (``inf``: not its own neighbour; below 0: its own first)."""
+    sq = x.pow(2).sum(1)
+    for lo in range(0, len(x), block):
+        rows = torch.arange(lo, min(lo + block, len(x)), device=x.device)
+        d = pairwise_distances(x[rows], x, a_sq=sq[rows], b_sq=sq)
+        d[torch.arange(len(rows), device=d.device), rows] = itself
+        yield rows, d
 
 
 def small_classes(labels: Tensor, k: int) -> Tensor:
