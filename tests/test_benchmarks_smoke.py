@@ -307,7 +307,7 @@ def test_poison_contribution_ranks_and_retrains_a_finetune_bench(finetune_gm_ben
     assert data["benchmark"] == "poison_contribution" and data["top"] == 0.03
     (r,) = data["trials"]
     assert r["trial"] == 0 and 0 < r["top10_share"] <= 1
-    for name in ("group", "loss", "misfit", "group+misfit"):
+    for name in ("group", "loss", "misfit", "misfit-plain", "group+misfit"):
         assert 0 <= r[f"{name}_share"] <= 1 and 0 <= r[f"{name}_poisons"] <= 27
     assert isinstance(r["hit_without_group_top"], bool)
     assert isinstance(r["hit_without_as_many_by_contribution"], bool)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -422,6 +423,43 @@ def test_neighbourhood_loss_ranks_a_group_the_model_does_not_fit_above_a_hard_ex
         neighbourhood_loss(x, loss[:3], y)
 
 
+def test_neighbourhood_loss_relative_to_its_class_lifts_a_group_in_an_easy_class():
+    """A hard class (every loss 2) against a group of 6 (loss 1) in an easy class (0.05):
+    the plain mean ranks the whole hard class first, the class-relative one the group."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(60, 4, generator=g), torch.randn(60, 4, generator=g) + 30,
+                   torch.randn(6, 4, generator=g) * 0.1 + 38])
+    y = torch.cat([torch.zeros(60), torch.ones(66)]).long()
+    loss = torch.cat([torch.full((60,), 2.0), torch.full((60,), 0.05), torch.full((6,), 1.0)])
+    group = set(range(120, 126))
+    plain = neighbourhood_loss(x, loss, y, k=5)
+    assert not set(plain.topk(6).indices.tolist()) & group
+    for relative in (0.5, 1.0):
+        scaled = neighbourhood_loss(x, loss, y, k=5, relative=relative)
+        assert set(scaled.topk(6).indices.tolist()) == group
+        assert torch.allclose(scaled[:60], plain[:60] / 2.0 ** relative)  # median 2
+    small = neighbourhood_loss(x[:70], loss[:70], torch.cat([y[:60], torch.ones(10).long()]),
+                               k=5, relative=1.0)
+    assert (small[60:] == 0).all() and torch.allclose(small[:60], torch.ones(60))
+
+
+def test_relative_is_refused_outside_the_misfit_score():
+    message = ("relative applies to score='misfit', not 'group'{}; pass score='misfit' or "
+               "leave relative out")
+    with pytest.raises(EpicError, match=re.escape(message.format(""))):
+        EpicPlus(score="group", relative=1.0)
+    picked = EpicPlus(relative=1.0)  # score=None: known once the scenario is
+    with pytest.raises(EpicError, match=re.escape(message.format(
+            " (what score=None picks here)"))):
+        picked.check_config(TrainConfig(scenario="scratch", epochs=8))
+    picked.check_config(TrainConfig(scenario="finetune", epochs=8))
+    picked.on_train_start(SimpleNamespace(config=TrainConfig(scenario="finetune", epochs=8)))
+    assert (picked.score, picked.relative) == ("misfit", 1.0)
+    assert EpicPlus(score="misfit", relative=0.0).relative == 0.0
+    with pytest.raises(EpicError, match="relative must be >= 0"):
+        EpicPlus(score="misfit", relative=-1)
+
+
 def test_epic_plus_misfit_drops_the_group_the_model_does_not_fit_not_a_hard_example():
     x, loss, y, group = misfit_planted()
     # logit proxies whose label entry gives each example's loss: p_y = exp(-loss)
@@ -450,6 +488,8 @@ def test_score_defaults_to_misfit_when_fine_tuning_the_models_own_head(scenario,
     assert plus.score == (given or "group")  # before the run: the pick outside fine-tuning
     plus.on_train_start(SimpleNamespace(config=TrainConfig(scenario=scenario, epochs=8)))
     assert (plus.score, plus.k) == (expected, k)
+    assert plus.relative == (0.5 if expected == "misfit" else None)
+    assert plus.summary()["relative"] == plus.relative
     # an option of the group score alone, given without a score, is refused at the start
     spread = EpicPlus(spread=5)
     if expected == "misfit" and given is None:

@@ -13,8 +13,12 @@ positive contribution that each score's top ``--top`` of the set holds:
   fine-tuning;
 - ``loss``: the label's cross-entropy;
 - ``misfit``: :func:`epic.selection.neighbourhood_loss` (the mean loss over an example and its
-  9 nearest same-class examples), ``epic-plus``'s score when fine-tuning;
-- ``group+misfit``: the larger of the two percentile ranks (a combination tried, not kept).
+  9 nearest same-class examples, each class's means divided by the square root of their
+  median: ``relative=0.5``), ``epic-plus``'s score when fine-tuning;
+- ``misfit-plain``: the same mean without the class's scale (``relative=0``, the score's
+  first form);
+- ``group+misfit``: the larger of the group and misfit-plain percentile ranks (a combination
+  tried, not kept).
 
     OMP_NUM_THREADS=1 python tools/poison_contribution.py --bench runs/bench/e16-a
 
@@ -132,9 +136,11 @@ def main() -> None:
         positive = contrib.clamp(min=0) * is_poison
         loss = F.cross_entropy(logits, labels, reduction="none")
         group = group_isolation(feats, labels, k=30)
-        misfit = neighbourhood_loss(feats, loss, labels, k=10)
-        scores = {"group": group, "loss": loss, "misfit": misfit,
-                  "group+misfit": torch.maximum(group, percentile_rank(misfit))}
+        plain = neighbourhood_loss(feats, loss, labels, k=10)
+        scores = {"group": group, "loss": loss,
+                  "misfit": neighbourhood_loss(feats, loss, labels, k=10, relative=0.5),
+                  "misfit-plain": plain,
+                  "group+misfit": torch.maximum(group, percentile_rank(plain))}
         flagged = int(args.top * len(labels))  # as epic-plus's cap
         ranked = positive[is_poison].sort(descending=True).values
         total = float(positive.sum()) or 1.0  # no poison helps the attacker: shares are 0

@@ -55,7 +55,7 @@ import torch
 
 from .. import _distributed as dist
 from .._errors import EpicError
-from .._validation import check_choice, check_fraction, check_int
+from .._validation import check_choice, check_fraction, check_int, check_number
 from ..models.features import StemReached, capture_stem_stats
 from ..selection import (
     GradientProxy,
@@ -73,6 +73,7 @@ __all__ = ["EpicPlus", "SCORES", "STEM_MODES", "class_concentration", "concentra
 
 SCORES = ("group", "knn", "misfit")
 _DEFAULT_K = {"group": 30, "knn": 50, "misfit": 10}
+_DEFAULT_RELATIVE = 0.5  # misfit: each class's scores over the square root of their median
 STEM_MODES = ("auto", "always", "never")
 
 
@@ -200,6 +201,11 @@ class EpicPlus(EpicDefense):
             number of poisons an attack usually plants per target, which are each other's
             nearest neighbours (docs/defenses.md); for ``"misfit"`` the neighbourhood's size
             (default 10).
+        relative: with ``score="misfit"``, each class's scores are divided by their median to
+            this power (default 0.5; 0: the plain mean). A poison of a class the model fits
+            well then counts as much as a hard clean image of a class it fits badly: on
+            CIFAR-10 the starting model's hardest classes otherwise fill the cap with their
+            clean images (docs/results.md).
         spread: with ``score="group"``, an example also takes the median score of its
             ``spread`` nearest same-class examples when higher (0, the default: off). A
             target's poisons are one group, so the ones the ratios miss sit among the ones
@@ -239,7 +245,7 @@ class EpicPlus(EpicDefense):
                  warmup: int | None = None, interval: int = 1, until: int | None = None,
                  proxy: str = "last-layer", proxy_pass: str | None = None,
                  proxy_precision: str = "float32", stem: str = "auto", seed: int = 0,
-                 record_proxies: bool = False) -> None:
+                 record_proxies: bool = False, relative: float | None = None) -> None:
         super().__init__(warmup=1 if warmup is None else warmup, interval=interval,
                          until=until, proxy=proxy,
                          proxy_pass=proxy_pass or "separate",
@@ -249,8 +255,11 @@ class EpicPlus(EpicDefense):
         self._score = None if score is None else check_choice("score", score, SCORES)
         self._k = None if k is None else check_int("k", k, minimum=1)
         self.spread = check_int("spread", spread, minimum=0)
-        # until the run starts, score=None reads as "group" (its pick but in fine-tuning)
-        self._resolve(self._score or "group")
+        self._relative = None if relative is None else check_number("relative", relative,
+                                                                     minimum=0)
+        # until the run starts, score=None reads as "group" (its pick but in fine-tuning);
+        # relative is checked against the score picked then
+        self._resolve(self._score or "group", final=self._score is not None)
         self._proxy_pass = proxy_pass  # None: resolved at the start, as patience
         self._warmup_given = warmup
         self._patience = None if patience is None else check_int("patience", patience, minimum=1)
@@ -276,12 +285,13 @@ class EpicPlus(EpicDefense):
         if self._score is None:  # what on_train_start will pick
             self._checked("misfit" if config.scenario == "finetune" else "group")
 
-    def _resolve(self, score: str) -> None:
-        """Set :attr:`score` and :attr:`k` (its default unless given)."""
-        self.score, self.k = self._checked(score)
+    def _resolve(self, score: str, final: bool = True) -> None:
+        """Set :attr:`score`, :attr:`k` and :attr:`relative` (their defaults unless given)."""
+        self.score, self.k, self.relative = self._checked(score, final)
 
-    def _checked(self, score: str) -> tuple[str, int]:
-        """``(score, k)`` for ``score``, its ``k`` and the other options checked together."""
+    def _checked(self, score: str, final: bool = True) -> tuple[str, int, float | None]:
+        """``(score, k, relative)`` for ``score``, with the other options checked together
+        (``relative`` only when ``final``: the score is the run's)."""
         if score in ("group", "misfit") and self.proxy != "last-layer":
             raise EpicError(f"score='{score}' reads penultimate features; use "
                             "proxy='last-layer' or score='knn'")
@@ -296,7 +306,13 @@ class EpicPlus(EpicDefense):
                             "score='group' or spread=0")
         if self.spread > k:
             raise EpicError(f"spread must be <= k ({k}), got {self.spread}")
-        return score, k
+        if score != "misfit":
+            if self._relative is not None and final:
+                picked = " (what score=None picks here)" if self._score is None else ""
+                raise EpicError(f"relative applies to score='misfit', not '{score}'{picked}; "
+                                "pass score='misfit' or leave relative out")
+            return score, k, None
+        return score, k, _DEFAULT_RELATIVE if self._relative is None else self._relative
 
     def _budget(self, n: int) -> int:
         """The cap: examples flagged per round and dropped in all, of ``n``."""
@@ -356,11 +372,12 @@ class EpicPlus(EpicDefense):
             ready = ready[order.topk(max(room, 0)).indices]
         drop = torch.cat([out.nonzero().squeeze(1), ready]).sort().values
         return drop, {"flagged_now": int(flagged.sum()), "patience": self.patience,
-                      "score": self.score, "k": self.k,
+                      "score": self.score, "k": self.k, "relative": self.relative,
                       "stem_class": -1 if stem_class is None else stem_class}
 
     def summary(self) -> dict[str, Any]:
-        return {**super().summary(), "score": self.score, "k": self.k}
+        return {**super().summary(), "score": self.score, "k": self.k,
+                "relative": self.relative}
 
     def _misfit_ranks(self, proxies: GradientProxy, labels: torch.Tensor) -> torch.Tensor:
         """Percentile ranks of :func:`~epic.selection.neighbourhood_loss` of the label's
@@ -371,7 +388,8 @@ class EpicPlus(EpicDefense):
         labs = labels.to(proxies.vectors.device)
         p_y = 1.0 + proxies.vectors.float().gather(1, labs[:, None]).squeeze(1)
         loss = -p_y.clamp(min=2.0 ** -24).log()
-        raw = neighbourhood_loss(proxies.features, loss, labs, k=self.k).cpu()
+        raw = neighbourhood_loss(proxies.features, loss, labs, k=self.k,
+                                 relative=self.relative).cpu()
         return percentile_rank(raw).masked_fill_(raw == 0, 0.0)
 
     def _group_scores(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .._errors import EpicError
-from .._validation import check_int, check_labels
+from .._validation import check_int, check_labels, check_number
 from .proxy import GradientProxy, as_proxy, pairwise_distances
 
 __all__ = ["group_isolation", "knn_isolation", "neighbourhood_loss", "percentile_rank",
@@ -91,6 +91,8 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
             same-class examples if that is higher (``spread <= k``): the poisons of one
             target are one group, so one the ratios miss is surrounded by ones they catch,
             while an isolated clean example's neighbours score low.
+        relative: each class's means divided by their median to this power: 0 keeps the
+            loss as it is, 1 measures it against the class's typical neighbourhood.
         block: rows of the (block, N) distance block held at once.
 
     Returns:
@@ -140,7 +142,7 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
 
 
 def neighbourhood_loss(points: Tensor, losses: Tensor, labels: Tensor, *, k: int = 10,
-                       block: int = 1024) -> Tensor:
+                       relative: float = 0.0, block: int = 1024) -> Tensor:
     """(N,) mean of ``losses`` over each example and its ``k - 1`` nearest same-class examples.
 
     A spot of its class that the model does not fit. Gradient-matching poisons act through
@@ -155,6 +157,8 @@ def neighbourhood_loss(points: Tensor, losses: Tensor, labels: Tensor, *, k: int
         labels: (N,) integer class labels.
         k: neighbourhood size, the example itself included. Classes of at most ``2 * k``
             examples are not scored (0), as in :func:`group_isolation`.
+        relative: each class's means divided by their median to this power: 0 keeps the
+            loss as it is, 1 measures it against the class's typical neighbourhood.
         block: rows of the (block, N) distance block held at once.
 
     Returns:
@@ -163,6 +167,7 @@ def neighbourhood_loss(points: Tensor, losses: Tensor, labels: Tensor, *, k: int
     x = _checked_points(points)
     n = len(x)
     check_int("k", k, minimum=1)
+    relative = check_number("relative", relative, minimum=0)
     if not isinstance(losses, Tensor) or losses.shape != (n,) or not losses.is_floating_point():
         raise EpicError(f"losses must be a ({n},) floating-point tensor, one per example")
     labels = check_labels(labels, n, None).to(points.device)
@@ -173,7 +178,12 @@ def neighbourhood_loss(points: Tensor, losses: Tensor, labels: Tensor, *, k: int
         d.masked_fill_(labels[rows, None] != labels[None, :], float("inf"))
         near = d.topk(min(k, n), dim=1, largest=False).indices
         score[rows] = loss[near].mean(1)
-    return score.masked_fill_(alone, 0.0)
+    score.masked_fill_(alone, 0.0)
+    if relative:
+        for c in labels[~alone].unique():
+            own = labels == c
+            score[own] /= score[own].median().clamp(min=1e-12) ** relative
+    return score
 
 
 def _checked_points(points: Tensor) -> Tensor:
