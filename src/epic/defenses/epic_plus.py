@@ -38,8 +38,10 @@ model's mean loss over an example and its nearest same-class neighbours. Gradien
 poisons act through their gradients, which grow with their loss; on the model they were
 crafted on, a handful of high-loss poisons carries nearly all of the attack, and their
 neighbours are other poisons. A hard clean example has a high loss too, but among ordinary
-neighbours. The fine-tuned model's own head makes those losses meaningful from the first
-round; a transfer victim's head is new.
+neighbours. Each class's scores are divided by the square root of their median
+(``relative``): otherwise the classes the starting model fits worst fill the cap with their
+clean images, and poisons of a well-fitted class rank below them. The fine-tuned model's own
+head makes those losses meaningful from the first round; a transfer victim's head is new.
 
 It works with any schedule, constant learning rate included (rounds then run to the end).
 Once the cap is reached no later round could change what is kept (drops are permanent), so
