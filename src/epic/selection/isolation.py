@@ -91,8 +91,6 @@ def group_isolation(points: Tensor, labels: Tensor, *, k: int = 30, near: int = 
             same-class examples if that is higher (``spread <= k``): the poisons of one
             target are one group, so one the ratios miss is surrounded by ones they catch,
             while an isolated clean example's neighbours score low.
-        relative: each class's means divided by their median to this power: 0 keeps the
-            loss as it is, 1 measures it against the class's typical neighbourhood.
         block: rows of the (block, N) distance block held at once.
 
     Returns:
@@ -157,8 +155,10 @@ def neighbourhood_loss(points: Tensor, losses: Tensor, labels: Tensor, *, k: int
         labels: (N,) integer class labels.
         k: neighbourhood size, the example itself included. Classes of at most ``2 * k``
             examples are not scored (0), as in :func:`group_isolation`.
-        relative: each class's means divided by their median to this power: 0 keeps the
-            loss as it is, 1 measures it against the class's typical neighbourhood.
+        relative: each class's means are divided by their median to this power (0: the
+            plain mean; 1: against the class's typical neighbourhood). A model fits some
+            classes far worse than others, and one ranking over all classes otherwise fills
+            its top with the worst-fitted class's clean examples.
         block: rows of the (block, N) distance block held at once.
 
     Returns:
