@@ -423,24 +423,52 @@ def test_neighbourhood_loss_ranks_a_group_the_model_does_not_fit_above_a_hard_ex
         neighbourhood_loss(x, loss[:3], y)
 
 
-def test_neighbourhood_loss_relative_to_its_class_lifts_a_group_in_an_easy_class():
-    """A hard class (every loss 2) against a group of 6 (loss 1) in an easy class (0.05):
-    the plain mean ranks the whole hard class first, the class-relative one the group."""
+def relative_planted():
+    """A hard class 0 (every loss 2) and an easy class 1 (loss 0.05) holding a tight group
+    of 6 apart from it (loss 1). Returns features, losses, labels and the group's indices."""
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(60, 4, generator=g), torch.randn(60, 4, generator=g) + 30,
                    torch.randn(6, 4, generator=g) * 0.1 + 38])
     y = torch.cat([torch.zeros(60), torch.ones(66)]).long()
     loss = torch.cat([torch.full((60,), 2.0), torch.full((60,), 0.05), torch.full((6,), 1.0)])
-    group = set(range(120, 126))
+    return x, loss, y, torch.arange(120, 126)
+
+
+def test_neighbourhood_loss_relative_to_its_class_lifts_a_group_in_an_easy_class():
+    x, loss, y, group = relative_planted()
     plain = neighbourhood_loss(x, loss, y, k=5)
-    assert not set(plain.topk(6).indices.tolist()) & group
+    assert not set(plain.topk(6).indices.tolist()) & set(group.tolist())  # class 0 first
     for relative in (0.5, 1.0):
         scaled = neighbourhood_loss(x, loss, y, k=5, relative=relative)
-        assert set(scaled.topk(6).indices.tolist()) == group
+        assert set(scaled.topk(6).indices.tolist()) == set(group.tolist())
         assert torch.allclose(scaled[:60], plain[:60] / 2.0 ** relative)  # median 2
     small = neighbourhood_loss(x[:70], loss[:70], torch.cat([y[:60], torch.ones(10).long()]),
                                k=5, relative=1.0)
     assert (small[60:] == 0).all() and torch.allclose(small[:60], torch.ones(60))
+    # a class the model fits perfectly (median 0): its one small loss is not inflated past
+    # the group, as a division by that median would
+    fitted = loss.clone()
+    fitted[:60] = 0.0
+    fitted[7] = 1e-3
+    scaled = neighbourhood_loss(x, fitted, y, k=5, relative=0.5)
+    assert set(scaled.topk(6).indices.tolist()) == set(group.tolist())
+    with pytest.raises(EpicError, match="relative must be >= 0"):
+        neighbourhood_loss(x, loss, y, relative=-0.5)
+
+
+def test_epic_plus_misfit_drops_by_the_class_relative_score_by_default():
+    x, loss, y, group = relative_planted()
+    vectors = torch.zeros(len(y), 2)  # logit proxies whose label entry gives the loss
+    vectors[torch.arange(len(y)), y] = torch.exp(-loss) - 1
+    trainer = SimpleNamespace(active=torch.ones(len(y), dtype=torch.bool))
+    dropped = {}
+    for relative in (None, 0.0):
+        plus = EpicPlus(fraction=0.05, patience=1, score="misfit", k=5, relative=relative)
+        out, info = plus._decide(trainer, GradientProxy(vectors, x), y)
+        dropped[relative] = set(out.tolist())
+        assert info["relative"] == (0.5 if relative is None else 0.0)
+    assert dropped[None] == set(group.tolist())  # the cap's 6: the group
+    assert not dropped[0.0] & set(group.tolist())  # the plain mean: the hard class
 
 
 def test_relative_is_refused_outside_the_misfit_score():
@@ -450,7 +478,7 @@ def test_relative_is_refused_outside_the_misfit_score():
         EpicPlus(score="group", relative=1.0)
     picked = EpicPlus(relative=1.0)  # score=None: known once the scenario is
     with pytest.raises(EpicError, match=re.escape(message.format(
-            " (what score=None picks here)"))):
+            " (what the default score picks outside fine-tuning)"))):
         picked.check_config(TrainConfig(scenario="scratch", epochs=8))
     picked.check_config(TrainConfig(scenario="finetune", epochs=8))
     picked.on_train_start(SimpleNamespace(config=TrainConfig(scenario="finetune", epochs=8)))

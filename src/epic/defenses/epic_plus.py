@@ -310,7 +310,8 @@ class EpicPlus(EpicDefense):
             raise EpicError(f"spread must be <= k ({k}), got {self.spread}")
         if score != "misfit":
             if self._relative is not None and final:
-                picked = " (what score=None picks here)" if self._score is None else ""
+                picked = (" (what the default score picks outside fine-tuning)"
+                          if self._score is None else "")
                 raise EpicError(f"relative applies to score='misfit', not '{score}'{picked}; "
                                 "pass score='misfit' or leave relative out")
             return score, k, None

@@ -155,10 +155,11 @@ def neighbourhood_loss(points: Tensor, losses: Tensor, labels: Tensor, *, k: int
         labels: (N,) integer class labels.
         k: neighbourhood size, the example itself included. Classes of at most ``2 * k``
             examples are not scored (0), as in :func:`group_isolation`.
-        relative: each class's means are divided by their median to this power (0: the
-            plain mean; 1: against the class's typical neighbourhood). A model fits some
-            classes far worse than others, and one ranking over all classes otherwise fills
-            its top with the worst-fitted class's clean examples.
+        relative: each class's means are divided by their median (at least a hundredth of
+            the whole set's) to this power (0: the plain mean; 1: against the class's typical
+            neighbourhood). A model fits some classes far worse than others, and one ranking
+            over all classes otherwise fills its top with the worst-fitted class's clean
+            examples.
         block: rows of the (block, N) distance block held at once.
 
     Returns:
@@ -179,10 +180,13 @@ def neighbourhood_loss(points: Tensor, losses: Tensor, labels: Tensor, *, k: int
         near = d.topk(min(k, n), dim=1, largest=False).indices
         score[rows] = loss[near].mean(1)
     score.masked_fill_(alone, 0.0)
-    if relative:
+    if relative and not alone.all():
+        # a class the model fits perfectly has median 0: its scale is floored at a hundredth
+        # of the whole set's, so its few non-zero scores are not inflated without bound
+        floor = (score[~alone].median() / 100).clamp(min=1e-12)
         for c in labels[~alone].unique():
             own = labels == c
-            score[own] /= score[own].median().clamp(min=1e-12) ** relative
+            score[own] /= torch.maximum(score[own].median(), floor) ** relative
     return score
 
 
