@@ -11,6 +11,11 @@ class's median, fails where a model fits most of a class exactly: the median is 
 feature-space attacks (bullseye polytope, feature collision) leave among penultimate features:
 a poison's nearest same-class neighbours are the other poisons, its ``k``-th is far, or it sits
 among examples of another class.
+
+:func:`neighbourhood_loss` ranks a spot of its class the model does not fit: the mean loss over
+an example and its nearest same-class neighbours. Losses are not shared units across classes (a
+model fits some classes far worse), so its ``relative`` option scales each class by its median,
+floored at a hundredth of the whole set's for the zero-median case above.
 """
 
 from __future__ import annotations
