@@ -290,6 +290,49 @@ def test_a_folder_may_grow(tmp_path, stops_after_checks):
         run_bench(load_bench_config(grown), tmp_path, progress=False)
 
 
+def _defense_row(label: str, name: str, options: dict, match: str | None = None) -> dict:
+    row = _row(eps=128)
+    row.update(cell=f"bullseye-polytope/victim/{label}/seed0/trial000", defense=label,
+               defense_name=name, match=match)
+    row["config"]["defense"] = {"name": name, "options": options}
+    return row
+
+
+def test_stored_rows_of_a_defense_run_with_other_options_are_refused(tmp_path,
+                                                                      stops_after_checks):
+    """A label whose options changed since its rows were run would pool two defenses under
+    one name in the report; unchanged labels, a matched drop's count and epoch (set by the
+    harness) and a victim's defense_options (merged as a cell merges them) pass."""
+    stored = [_defense_row("epic", "epic", {"interval": 2, "subset_fraction": 0.1}),
+              _defense_row("random-drop-epic", "random-drop", {"count": 7, "epoch": 3},
+                           match="epic")]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stored))
+    defenses = [{"name": "epic", "options": {"subset_fraction": 0.1}},
+                {"name": "random-drop", "label": "random-drop-epic", "match": "epic"}]
+    victim = {**TINY["victim"], "defense_options": {"epic": {"interval": 2}}}
+    same = {**TINY, "victim": victim, "defenses": defenses}
+    with pytest.raises(_Checked):
+        run_bench(load_bench_config(same), tmp_path, progress=False)
+    changed = {**same, "defenses": [{"name": "epic", "options": {"subset_fraction": 0.2}},
+                                    defenses[1]]}
+    with pytest.raises(EpicError, match=r"defense 'epic': the results in .*results.jsonl were "
+                                        r"run as epic\(interval=2, subset_fraction=0.1\), but "
+                                        r"the config now gives epic\(interval=2, "
+                                        r"subset_fraction=0.2\); give a new output folder "
+                                        r"\(--out\) or a new label"):
+        run_bench(load_bench_config(changed), tmp_path, progress=False)
+    with pytest.raises(EpicError, match=r"run as epic\(interval=2, subset_fraction=0.1\), but "
+                                        r"the config now gives epic\(subset_fraction=0.1\)"):
+        run_bench(load_bench_config({**same, "victim": TINY["victim"]}), tmp_path,
+                  progress=False)
+    pinned = {**same, "defenses": [defenses[0], {**defenses[1], "options": {"epoch": 5}}]}
+    with pytest.raises(EpicError, match=r"defense 'random-drop-epic': .* run as "
+                                        r"random-drop\(epoch=3\), but the config now gives "
+                                        r"random-drop\(epoch=5\)"):
+        run_bench(load_bench_config(pinned), tmp_path, progress=False)
+    assert not (tmp_path / "config.yaml").exists()
+
+
 def test_a_defense_option_the_scenario_rules_out_is_refused_before_anything_is_written(
         tmp_path):
     """Fine-tuning picks EPIC-plus's misfit score, which has no ``spread``: the run says so

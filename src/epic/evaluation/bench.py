@@ -472,10 +472,54 @@ def _threat_change(stored: ThreatModel, wanted: ThreatModel) -> str | None:
             + ", ".join(new for _, new in changes))
 
 
+def _cell_options(victim: dict[str, Any], attack: dict[str, Any],
+                  defense: dict[str, Any]) -> dict[str, Any]:
+    """A cell's defense options: the victim's, then the attack's ``defense_options`` for the
+    defense (e.g. the authors' EPIC schedule), then the entry's own (before the harness adds
+    a matched drop's ``count`` and ``epoch``)."""
+    name = defense["name"]
+    return {**victim.get("defense_options", {}).get(name, {}),
+            **attack.get("defense_options", {}).get(name, {}), **defense["options"]}
+
+
+def _check_stored_defenses(cfg: BenchConfig, out: Path, rows: list[dict[str, Any]]) -> None:
+    """Refuse to extend a folder whose rows of a defense label were run with other options
+    than the config now gives that label: the report would pool them under one name."""
+    by_label = {d["label"]: d for d in cfg.defenses}
+    victims = {v["label"]: v for v in cfg.victims}
+    attacks = {a["label"]: a for a in cfg.attacks}
+    for row in rows:
+        defense = by_label.get(row["defense"])
+        stored = (row.get("config") or {}).get("defense")
+        victim, attack = victims.get(row["victim"]), attacks.get(row["attack"])
+        if None in (defense, victim, attack) or not isinstance(stored, dict):
+            continue  # an entry the config no longer has, or a row of an older layout
+        wanted = {"name": defense["name"], "options": _cell_options(victim, attack, defense)}
+        options = dict(stored.get("options") or {})
+        if "match" in defense:  # what the harness sets on a matched drop
+            options.pop("count", None)
+            if "epoch" not in wanted["options"]:
+                options.pop("epoch", None)
+        have = {"name": stored.get("name"), "options": options}
+        if have != wanted:
+            raise EpicError(
+                f"defense {row['defense']!r}: the results in {out / RESULTS} were run as "
+                f"{_spec_text(have)}, but the config now gives {_spec_text(wanted)}; give a new "
+                f"output folder (--out) or a new label to the changed defense, or delete the "
+                f"lines of defense {row['defense']!r} from {out / RESULTS}")
+
+
+def _spec_text(spec: dict[str, Any]) -> str:
+    options = ", ".join(f"{k}={v!r}" for k, v in sorted(spec["options"].items()))
+    return f"{spec['name']}({options})"
+
+
 def _check_stored(cfg: BenchConfig, out: Path, rows: list[dict[str, Any]]) -> None:
     """Refuse to reuse an attack's stored results or poisons (``out/poisons/LABEL``) made
     under another threat model (eps, budget or number of poisons, poison class) than the
-    config's; new trials, seeds, victims and defenses may extend a folder."""
+    config's, or a defense label's results run with other options than the config now gives
+    it; new trials, seeds, victims and defenses may extend a folder."""
+    _check_stored_defenses(cfg, out, rows)
     for attack in cfg.attacks:
         label, wanted = attack["label"], _attack_spec(attack).threat
         folder = out / "poisons" / label
@@ -540,17 +584,14 @@ def _victims_augmentation(cfg: BenchConfig) -> str | None:
     return kinds.pop() if len(kinds) == 1 else None
 
 
-def _victim_run(cfg: BenchConfig, victim: dict[str, Any], attack: dict[str, Any],
-                defense: dict[str, Any], options: dict[str, Any], poisons: str, surrogate: str,
-                root: str | None, seed: int, out: Path) -> RunConfig:
+def _victim_run(cfg: BenchConfig, victim: dict[str, Any], name: str, options: dict[str, Any],
+                poisons: str, surrogate: str, root: str | None, seed: int,
+                out: Path) -> RunConfig:
+    """A victim's run of defense ``name`` with its cell's ``options``."""
     train = TrainConfig.from_dict({**{k: victim[k] for k in TRAIN_KEYS if k in victim},
                                    "seed": seed, "progress": False})
-    # per-victim, then per-attack options of this defense (e.g. the authors' EPIC schedule)
-    extra = {**victim.get("defense_options", {}).get(defense["name"], {}),
-             **attack.get("defense_options", {}).get(defense["name"], {})}
     return RunConfig(dataset=cfg.dataset, data_root=root, model=victim.get("model", "convnet"),
-                     width=victim.get("width"),
-                     defense=DefenseSpec(defense["name"], {**extra, **options}),
+                     width=victim.get("width"), defense=DefenseSpec(name, options),
                      poisons=poisons, train_slice=cfg.train_slice,
                      checkpoint=surrogate if train.pretrained else None,
                      train_size=victim.get("train_size"), out=str(out), train=train)
@@ -599,7 +640,7 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
                 augmentation=augmentation))
         trial = trials[cell.attack, cell.seed][cell.trial]
         defense = by_label[cell.defense]
-        options = dict(defense["options"])
+        options = _cell_options(victims[cell.victim], attack, defense)
         if "match" in defense:  # e.g. random-drop removes as many examples as EPIC did
             ref = Cell(cell.attack, cell.victim, defense["match"], cell.seed, cell.trial).key
             matched = next(r for r in rows if r["cell"] == ref)
@@ -609,7 +650,7 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
             if first is not None and "epoch" not in options:  # no later than the defense
                 options["epoch"] = first
         run_dir = out / "runs" / cell.key
-        run_cfg = _victim_run(cfg, victims[cell.victim], attack, defense, options,
+        run_cfg = _victim_run(cfg, victims[cell.victim], defense["name"], options,
                               trial["file"], _surrogate(cfg, out, root, cell.seed), root,
                               cell.train_seed, run_dir)
         summary = run_training(run_cfg)
