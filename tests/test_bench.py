@@ -111,19 +111,39 @@ def test_clean_seeds_train_clean_victims_once_and_the_report_uses_them(finished,
     cfg = load_bench_config({**TINY, "clean_seeds": 2})
     rows = run_bench(cfg, out, progress=False)  # every cell is done: only the control runs
     control = json.loads((out / "clean_control.json").read_text())
-    assert control["seeds"] == [7000, 7001] and len(control["clean_test_acc"]) == 2
+    assert control["seeds"] == [7000, 7001] and len(control["clean_test_acc"]["victim"]) == 2
     targets = {(r["trial"], r["target_index"], r["adv_label"]) for r in rows}
     assert {(r["trial"], r["target_index"], r["adv_label"]) for r in control["rows"]} == targets
     for r in control["rows"]:
         assert len(r["clean_predictions"]) == 2 and r["undefended_runs"] == 2
         assert r["clean_adv"] == sum(p == r["adv_label"] for p in r["clean_predictions"])
+    assert {r["victim"] for r in control["rows"]} == {"victim"}
     calls = []
     monkeypatch.setattr(bench_mod, "execute_run", lambda *a, **k: calls.append(a))
     run_bench(cfg, out, progress=False)  # the control covers every target: not re-run
+    for r in control["rows"]:  # nor is a file from before the per-victim control
+        del r["victim"]
+    (out / "clean_control.json").write_text(json.dumps(control))
+    run_bench(cfg, out, progress=False)
     assert calls == []
     assert "net of clean-explained" in write_report(out)["markdown"]
     with pytest.raises(EpicError, match="clean_seeds must be an integer from 0 to 10"):
         load_bench_config({**TINY, "clean_seeds": 11})
+
+
+def test_each_victim_recipe_gets_its_clean_victims(tmp_path):
+    victims = [{**TINY["victim"], "label": "short"},
+               {**TINY["victim"], "label": "long", "epochs": 4}]
+    tiny = {k: v for k, v in TINY.items() if k != "victim"}
+    cfg = load_bench_config({**tiny, "trials": 1, "replicates": 1, "clean_seeds": 1,
+                             "defenses": ["none"], "victims": victims})
+    run_bench(cfg, tmp_path, progress=False)
+    control = json.loads((tmp_path / "clean_control.json").read_text())
+    assert set(control["clean_test_acc"]) == {"short", "long"}
+    assert sorted(r["victim"] for r in control["rows"]) == ["long", "short"]
+    epochs = {v: yaml.safe_load((tmp_path / "clean" / v / "seed7000" / "config.yaml")
+                                .read_text())["train"]["epochs"] for v in ("short", "long")}
+    assert epochs == {"short": 3, "long": 4}
 
 
 def test_clean_seeds_with_only_other_defenses_run_no_control(finished, tmp_path):
@@ -286,7 +306,7 @@ def test_a_clean_control_takes_clean_explained_targets_out_of_the_robust_hits(tm
          "clean_predictions": [1, 0, 1] if t == 2 else [0, 0, 0], "clean_adv": 2 if t == 2 else 0}
         for t in range(3)]}))
     clean = read_clean_control(control)
-    assert clean[0, 2, 12, 1] == (2, 3)
+    assert clean[None, 0, 2, 12, 1] == (2, 3)  # no victim named: it holds for every victim
     plain = {s.defense: s for s in score(rows)}
     assert plain["d"].robust == 3 and plain["d"].stopped == 2 and plain["d"].net_success is None
     by = {s.defense: s for s in score(rows, clean=clean)}
@@ -298,6 +318,42 @@ def test_a_clean_control_takes_clean_explained_targets_out_of_the_robust_hits(tm
     assert "net of clean-explained" in text and "(1 clean-explained target," in text
     assert "| 0/2 | 12 (" in per_target(rows, clean) and "| 2/3 |" in per_target(rows, clean)
     assert "net of clean-explained" not in markdown(score(rows))
+
+
+def test_a_clean_control_is_per_victim_recipe(tmp_path):
+    """A target a 40-epoch clean victim sends to the adversarial class says nothing of a
+    200-epoch victim; a file from before the per-victim control applies to every victim."""
+    from epic.evaluation.report import per_target, read_clean_control, score
+
+    def row(victim, defense, trial, hit, replicate=0):
+        r = {**_row(defense, trial, hit, replicate), "victim": victim,
+             "target_index": 10 + trial, "adv_label": 1}
+        r["summary"].update(target_index=10 + trial, target_label=0, adv_label=1)
+        return r
+
+    rows = [row(v, "none", t, True, r) for v in ("short", "long") for t in range(3)
+            for r in range(3)]
+    rows += [row(v, "d", t, t == 2) for v in ("short", "long") for t in range(3)]
+
+    def control(victim):
+        entry = {} if victim is None else {"victim": victim}
+        return {"rows": [{**entry, "seed": 0, "trial": t, "target_index": 10 + t,
+                          "adv_label": 1, "clean_predictions": [1, 0] if t == 2 else [0, 0],
+                          "clean_adv": int(t == 2)} for t in range(3)]}
+
+    path = tmp_path / "clean_control.json"
+    path.write_text(json.dumps(control("short")))
+    clean = read_clean_control(path)
+    by = {(s.victim, s.defense): s for s in score(rows, clean=clean)}
+    assert (by["short", "d"].robust, by["short", "d"].clean_explained) == (2, 1)
+    assert (by["long", "d"].robust, by["long", "d"].clean_explained) == (3, 0)
+    assert by["long", "d"].net_success == pytest.approx(1 / 3)
+    text = per_target(rows, clean)
+    assert text.count("| 0/2 | 12 (0 -> 1) | 3/3 | 1/2 |") == 1  # the short victim's row
+    assert text.count("| 0/2 | 12 (0 -> 1) | 3/3 | - |") == 1    # the long one: no control
+    path.write_text(json.dumps(control(None)))
+    by = {(s.victim, s.defense): s for s in score(rows, clean=read_clean_control(path))}
+    assert by["short", "d"].robust == by["long", "d"].robust == 2
 
 
 def test_an_ensemble_of_surrogates_is_trained_with_distinct_seeds(tmp_path):

@@ -4,7 +4,7 @@ attacker's class? Those "hits" are not the attack's doing, and no defense can st
 ``epic bench`` picks targets at random among the test images, so some are images the clean
 model gets wrong, and some of those it gets wrong in exactly the attacker's class. Neither
 three undefended seeds nor a matched random drop rule that out; a clean run does. This runs
-:func:`epic.evaluation.clean_control` on an existing bench folder: the undefended victim's
+:func:`epic.evaluation.clean_control` on an existing bench folder: each undefended victim's
 recipe (the resolved config of its first ``none`` cell) trained on the clean training split,
 once per ``--seeds`` seed (7000, 7001, ...), and for every target the clean victims'
 predictions; a target is *clean-explained* when a clean victim predicts its adversarial class.
@@ -42,18 +42,20 @@ def main() -> None:
             control = clean_control(rows, args.seeds, tmp)
     except EpicError as err:
         sys.exit(f"error: {err}")
-    for seed, acc in zip(control["seeds"], control["clean_test_acc"], strict=True):
-        print(f"clean victim seed {seed}: test accuracy {acc:.4f}")
+    for victim, accs in control["clean_test_acc"].items():
+        for seed, acc in zip(control["seeds"], accs, strict=True):
+            print(f"clean victim {victim!r} seed {seed}: test accuracy {acc:.4f}")
     out_rows = control["rows"]
     explained = [r for r in out_rows if r["clean_adv"]]
     robust = [r for r in out_rows if r["undefended_hits"] == r["undefended_runs"]]
-    print(f"{len(out_rows)} targets; {len(explained)} clean-explained (a clean victim predicts "
-          f"the adversarial class), {sum(r['clean_adv'] > 0 for r in robust)} of the "
-          f"{len(robust)} robust hits")
-    print_table(["seed/trial", "target", "adv", "clean predictions", "undefended hits"],
-                [[f"{r['seed']}/{r['trial']}", r["target_index"], r["adv_label"],
-                  r["clean_predictions"], f"{r['undefended_hits']}/{r['undefended_runs']}"]
-                 for r in explained])
+    print(f"{len(out_rows)} (attack, victim, target) rows; {len(explained)} clean-explained (a "
+          f"clean victim predicts the adversarial class), "
+          f"{sum(r['clean_adv'] > 0 for r in robust)} of the {len(robust)} robust hits")
+    print_table(["attack", "victim", "seed/trial", "target", "adv", "clean predictions",
+                 "undefended hits"],
+                [[r["attack"], r["victim"], f"{r['seed']}/{r['trial']}", r["target_index"],
+                  r["adv_label"], r["clean_predictions"],
+                  f"{r['undefended_hits']}/{r['undefended_runs']}"] for r in explained])
     path = save("clean_control", {**control, "bench": str(args.bench)},
                 args.out or str(Path(args.bench) / CLEAN_CONTROL))
     print(f"wrote {path}")

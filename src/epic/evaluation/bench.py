@@ -665,12 +665,14 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
                      "env": env, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         if main:
             write_jsonl(results_path, rows)
-    wanted = _targets(rows)
+    wanted = _victim_targets(rows)
     if cfg.clean_seeds and wanted:  # a run of other defenses only (--defense X) has no targets
         path = out / CLEAN_CONTROL
         have = json.loads(path.read_text()) if path.exists() else {}
+        victims = {w[0] for w in wanted}
+        only = next(iter(victims)) if len(victims) == 1 else None
         if have.get("seeds") != _clean_train_seeds(cfg.clean_seeds) or \
-                {_target_key(r) for r in have.get("rows", [])} != set(wanted):
+                _control_keys(have, only) != set(wanted):
             control = clean_control(rows, cfg.clean_seeds, out / "clean")
             if main:
                 write_json(path, control)
@@ -703,47 +705,74 @@ def _targets(rows: list[dict[str, Any]]) -> list[tuple[int, int, int, int]]:
     return sorted({_target_key(r) for r in rows if r["defense_name"] == "none"})
 
 
+def _victim_targets(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """(victim, bench seed, trial, target index, adversarial class) of every undefended
+    cell."""
+    return sorted({(r["victim"], *_target_key(r)) for r in rows if r["defense_name"] == "none"})
+
+
 def clean_control(rows: list[dict[str, Any]], seeds: int, out: str | Path) -> dict[str, Any]:
-    """Train the undefended victim's recipe without poisons ``seeds`` times and record, for
+    """Train each undefended victim's recipe without poisons ``seeds`` times and record, for
     every target of ``rows``, what those clean victims predict.
 
     A target that a clean victim already sends to the adversarial class (*clean-explained*)
     is no evidence of the attack, and no defense can stop it; ``epic report`` leaves such
-    targets out of the robust hits (see :func:`~epic.evaluation.report.read_clean_control`).
-    The recipe is that of the first undefended cell (its victim, with ``poisons=None``);
-    targets share the clean training split, so one run per seed covers them all. Every process
-    of a ``torchrun`` trains (as for cells); the result is the same on each.
+    targets out of the robust hits of that victim (see
+    :func:`~epic.evaluation.report.read_clean_control`). Each victim label's recipe is that
+    of its first undefended cell (with ``poisons=None``): a bench with two victim recipes
+    (e.g. 40 and 200 epochs) has a clean control for each. Targets share the clean training
+    split, so one run per victim and seed covers them all; attacks share the targets of a
+    bench seed, so a row per (attack, victim, target) repeats the predictions beside that
+    attack's undefended hits. Every process of a ``torchrun`` trains (as for cells); the
+    result is the same on each.
     """
     none = [r for r in rows if r["defense_name"] == "none"]
     if not none:
         raise EpicError("the clean control needs an undefended ('none') cell in the results")
-    targets = _targets(rows)
-    hits: dict[tuple[int, int], list[bool]] = {}
+    hits: dict[tuple[str, str, int, int], list[bool]] = {}
     for r in none:
-        hits.setdefault((r["seed"], r["trial"]), []).append(
+        hits.setdefault((r["attack"], r["victim"], r["seed"], r["trial"]), []).append(
             bool(r["summary"].get("attack_success")))
-    base = RunConfig.from_dict({k: v for k, v in none[0]["config"].items() if k != "attack"})
-    preds, accs = [], []
-    for seed in _clean_train_seeds(seeds):
-        run = replace(base, poisons=None, defense=None, out=str(Path(out) / f"seed{seed}"),
-                      train=replace(base.train, seed=seed, progress=False))
-        summary, trainer, _ = execute_run(run, resume=False)
-        images = trainer.test[0]
-        if not isinstance(images, torch.Tensor):
-            raise EpicError("the clean control needs the test split in memory (not streamed)")
-        index = torch.tensor([t[2] for t in targets], device=images.device)
-        logits, _ = trainer.predict(images=images.index_select(0, index))
-        preds.append(logits.argmax(1).tolist())
-        accs.append(summary["clean_test_acc"])
-    out_rows = []
-    for k, (seed, trial, index, adv) in enumerate(targets):
-        p = [run_preds[k] for run_preds in preds]
-        h = hits[seed, trial]
-        out_rows.append({"seed": seed, "trial": trial, "target_index": index, "adv_label": adv,
-                         "clean_predictions": p, "clean_adv": sum(x == adv for x in p),
-                         "undefended_hits": sum(h), "undefended_runs": len(h)})
+    first: dict[str, dict[str, Any]] = {}
+    for r in none:
+        first.setdefault(r["victim"], r)
+    out_rows, accs = [], {}
+    for victim, row in first.items():
+        base = RunConfig.from_dict({k: v for k, v in row["config"].items() if k != "attack"})
+        targets = _targets([r for r in none if r["victim"] == victim])
+        folder = Path(out) / victim if len(first) > 1 else Path(out)
+        preds, accs[victim] = [], []
+        for seed in _clean_train_seeds(seeds):
+            run = replace(base, poisons=None, defense=None, out=str(folder / f"seed{seed}"),
+                          train=replace(base.train, seed=seed, progress=False))
+            summary, trainer, _ = execute_run(run, resume=False)
+            images = trainer.test[0]
+            if not isinstance(images, torch.Tensor):
+                raise EpicError("the clean control needs the test split in memory "
+                                "(not streamed)")
+            index = torch.tensor([t[2] for t in targets], device=images.device)
+            logits, _ = trainer.predict(images=images.index_select(0, index))
+            preds.append(logits.argmax(1).tolist())
+            accs[victim].append(summary["clean_test_acc"])
+        for attack in dict.fromkeys(r["attack"] for r in none if r["victim"] == victim):
+            for k, (seed, trial, index, adv) in enumerate(targets):
+                h = hits.get((attack, victim, seed, trial))
+                if h is None:
+                    continue  # a target this attack's undefended cells have not reached
+                p = [run_preds[k] for run_preds in preds]
+                out_rows.append({"attack": attack, "victim": victim, "seed": seed,
+                                 "trial": trial, "target_index": index, "adv_label": adv,
+                                 "clean_predictions": p, "clean_adv": sum(x == adv for x in p),
+                                 "undefended_hits": sum(h), "undefended_runs": len(h)})
     return {"benchmark": "clean_control", "seeds": _clean_train_seeds(seeds),
             "clean_test_acc": accs, "rows": out_rows}
+
+
+def _control_keys(control: dict[str, Any], victim: str | None) -> set[tuple[Any, ...]]:
+    """(victim, seed, trial, target index, adversarial class) of a stored clean control's
+    rows; a file from before the per-victim control (no ``victim``) counts as ``victim``'s
+    (the bench's only victim, or ``None``)."""
+    return {(r.get("victim", victim), *_target_key(r)) for r in control.get("rows", [])}
 
 
 def _events(run_dir: Path) -> list[dict[str, Any]]:

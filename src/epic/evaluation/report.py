@@ -66,21 +66,33 @@ class DefenseScore:
     net_success: float | None = None
 
 
-# (seed, trial, target index, adversarial class) -> clean victims predicting that class, of how many
-CleanControl = dict[tuple[int, int, int, int], tuple[int, int]]
+# (victim, seed, trial, target index, adversarial class) -> clean victims predicting that
+# class, of how many; victim None: a file from before the per-victim control, for every victim
+CleanControl = dict[tuple[str | None, int, int, int, int], tuple[int, int]]
 
 
 def read_clean_control(path: str | Path) -> CleanControl:
-    """A ``clean_control.json`` (:func:`~epic.evaluation.clean_control`): per target, how many
-    victims trained without poisons predict its adversarial class, out of how many."""
+    """A ``clean_control.json`` (:func:`~epic.evaluation.clean_control`): per victim recipe and
+    target, how many victims trained without poisons predict its adversarial class, out of
+    how many."""
     data = json.loads(Path(path).read_text())
-    return {(int(r.get("seed", 0)), int(r["trial"]), int(r["target_index"]), int(r["adv_label"])):
-            (int(r["clean_adv"]), len(r["clean_predictions"])) for r in data["rows"]}
+    return {(r.get("victim"), int(r.get("seed", 0)), int(r["trial"]), int(r["target_index"]),
+             int(r["adv_label"])): (int(r["clean_adv"]), len(r["clean_predictions"]))
+            for r in data["rows"]}
+
+
+def _clean_of(r: dict[str, Any], clean: CleanControl | None) -> tuple[int, int]:
+    """What the clean victims of this row's victim recipe predict for its target: (those
+    predicting the adversarial class, all of them); (0, 0) when not controlled."""
+    if not clean:
+        return (0, 0)
+    key = _target_key(r)
+    return clean.get((r["victim"], *key)) or clean.get((None, *key), (0, 0))
 
 
 def _explained(r: dict[str, Any], clean: CleanControl | None) -> bool:
     """Whether a clean victim already sends this row's target to the adversarial class."""
-    return bool(clean) and clean.get(_target_key(r), (0, 0))[0] > 0
+    return _clean_of(r, clean)[0] > 0
 
 
 def _unique(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -109,7 +121,7 @@ def score(rows: list[dict[str, Any]], baseline: str = "none",
     :func:`read_clean_control`) takes clean-explained targets out of the robust hits.
     """
     rows = _unique(rows)
-    explained = {(r["seed"], r["trial"]) for r in rows if _explained(r, clean)}
+    explained = {(r["victim"], r["seed"], r["trial"]) for r in rows if _explained(r, clean)}
     controlled = bool(clean)
     groups: dict[tuple[str, str, str], dict[tuple[int, int], dict[str, Any]]] = \
         defaultdict(dict)
@@ -141,8 +153,8 @@ def score(rows: list[dict[str, Any]], baseline: str = "none",
         # robust: hit with every replicate the folder has (a target missing one is not)
         robust = [t for t, hits in undefended.items()
                   if len(hits) == replicates and all(hits.values()) and t in by_target
-                  and t not in explained]
-        kept = [t for t in by_target if t not in explained]
+                  and (victim, *t) not in explained]
+        kept = [t for t in by_target if (victim, *t) not in explained]
         stopped = [t for t in robust if not _hit(by_target[t])]
         ctrl = groups.get((attack, victim, control.get((attack, victim, defense), "")))
         verified = None if ctrl is None else sum(1 for t in stopped if t in ctrl
@@ -247,8 +259,8 @@ def per_target(rows: list[dict[str, Any]], clean: CleanControl | None = None) ->
             hits = undefended.get((seed, trial), [])
             control = ""
             if clean:
-                key = (seed, trial, first["target_index"], first["adv_label"])
-                adv, total = clean.get(key, (0, 0))
+                adv, total = _clean_of({**first, "victim": victim, "seed": seed,
+                                        "trial": trial}, clean)
                 control = f"{adv}/{total} | " if total else "- | "
             lines.append(f"| {seed}/{trial} | {first['target_index']} ({first['target_label']} -> "
                          f"{first['adv_label']}) | {sum(hits)}/{len(hits)} | {control}"
