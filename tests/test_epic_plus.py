@@ -14,7 +14,14 @@ from epic import EpicError
 from epic.defenses import EpicPlus, create_defense
 from epic.defenses.epic_plus import concentrated_class, stem_isolation, top_flags
 from epic.models import StemReached, capture_stem_stats, create_model, find_stem
-from epic.selection import GradientProxy, group_isolation, knn_isolation, neighbourhood_loss
+from epic.selection import (
+    GradientProxy,
+    group_isolation,
+    knn_isolation,
+    neighbourhood_loss,
+    percentile_rank,
+    reference_loss,
+)
 from epic.training import TrainConfig, Trainer
 
 
@@ -81,6 +88,8 @@ def test_group_isolation_spread_lifts_an_example_to_its_neighbours_median_score(
         group_isolation(x, y, k=20, spread=21)
     with pytest.raises(EpicError, match="spread applies to score='group'"):
         EpicPlus(score="knn", spread=3)
+    with pytest.raises(EpicError, match="reference applies to score='group', not 'knn'; "):
+        EpicPlus(score="knn", reference=True)
 
 
 def test_epic_plus_group_score_drops_the_feature_space_group_not_the_gradient_outlier():
@@ -423,6 +432,34 @@ def test_neighbourhood_loss_ranks_a_group_the_model_does_not_fit_above_a_hard_ex
         neighbourhood_loss(x, loss[:3], y)
 
 
+def test_reference_loss_reads_a_planted_group_as_the_class_it_sits_in():
+    """8 examples labelled 1 inside class 0, apart along a direction no clean example takes
+    (as bullseye poisons are): a head fit on the examples whose neighbours agree with their
+    label reads them as class 0, so their loss is the highest."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0, 0, 0], [6, 0, 0, 0], [0, 6, 0, 0]])
+    x = torch.cat([torch.randn(100, 4, generator=g) * 0.8 + centres[c] for c in range(3)])
+    x[:, 3] *= 0.05
+    planted = torch.randn(8, 4, generator=g) * 0.3 + torch.tensor([0.5, 0, 0, 3.0])
+    x = torch.cat([x, planted])
+    y = torch.cat([torch.arange(3).repeat_interleave(100), torch.ones(8, dtype=torch.long)])
+    loss = reference_loss(x, y, k=30)
+    assert set(loss.topk(8).indices.tolist()) == set(range(300, 308))
+    assert loss[300:].min() > 2.0 and loss[:300].median() < 0.1
+    with pytest.raises(EpicError, match="k must be >= 1"):
+        reference_loss(x, y, k=0)
+    with pytest.raises(EpicError, match="reg must be >= 0"):
+        reference_loss(x, y, reg=-1.0)
+    # EpicPlus(reference=True) scores each example by the larger of its two ranks
+    plain = EpicPlus(k=30)._group_scores(x, y)
+    both = EpicPlus(k=30, reference=True)._group_scores(x, y)
+    scored = plain > 0
+    assert scored.all()
+    want = torch.maximum(percentile_rank(plain), percentile_rank(reference_loss(x, y)))
+    assert torch.allclose(both, want)
+    assert (both >= percentile_rank(plain)).all() and not torch.equal(both, plain)
+
+
 def relative_planted():
     """A hard class 0 (every loss 2) and an easy class 1 (loss 0.05) holding a tight group
     of 6 apart from it (loss 1). Returns features, losses, labels and the group's indices."""
@@ -525,3 +562,7 @@ def test_score_defaults_to_misfit_when_fine_tuning_the_models_own_head(scenario,
                                             r"\(fine-tuning picks it\)"):
             spread.on_train_start(SimpleNamespace(config=TrainConfig(scenario=scenario,
                                                                      epochs=8)))
+        with pytest.raises(EpicError, match=r"reference applies to score='group', not "
+                                            r"'misfit' \(fine-tuning picks it\)"):
+            EpicPlus(reference=True).on_train_start(
+                SimpleNamespace(config=TrainConfig(scenario=scenario, epochs=8)))

@@ -65,6 +65,7 @@ from ..selection import (
     knn_isolation,
     neighbourhood_loss,
     percentile_rank,
+    reference_loss,
     small_classes,
 )
 from .base import register_defense
@@ -212,6 +213,12 @@ class EpicPlus(EpicDefense):
             ``spread`` nearest same-class examples when higher (0, the default: off). A
             target's poisons are one group, so the ones the ratios miss sit among the ones
             they catch (:func:`~epic.selection.group_isolation`).
+        reference: with ``score="group"``, also rank each example by its label's loss under
+            a linear head fit on the examples whose 200 nearest neighbours mostly carry their
+            label (:func:`~epic.selection.reference_loss`), and score it by the larger of the
+            two ranks (default False). Bullseye poisons that stay close to the clean examples
+            of their own label, so that no isolation score sets them apart, still sit where
+            a head of the clean examples reads another class.
         patience: rounds an example must have been flagged in (and in at least half of the
             rounds so far) before it is dropped. ``None`` (default): 3 when the model trains
             from scratch, 1 when it starts pretrained (``scenario`` transfer or finetune).
@@ -247,7 +254,8 @@ class EpicPlus(EpicDefense):
                  warmup: int | None = None, interval: int = 1, until: int | None = None,
                  proxy: str = "last-layer", proxy_pass: str | None = None,
                  proxy_precision: str = "float32", stem: str = "auto", seed: int = 0,
-                 record_proxies: bool = False, relative: float | None = None) -> None:
+                 record_proxies: bool = False, relative: float | None = None,
+                 reference: bool = False) -> None:
         super().__init__(warmup=1 if warmup is None else warmup, interval=interval,
                          until=until, proxy=proxy,
                          proxy_pass=proxy_pass or "separate",
@@ -257,6 +265,7 @@ class EpicPlus(EpicDefense):
         self._score = None if score is None else check_choice("score", score, SCORES)
         self._k = None if k is None else check_int("k", k, minimum=1)
         self.spread = check_int("spread", spread, minimum=0)
+        self.reference = bool(reference)
         self._relative = None if relative is None else check_number("relative", relative,
                                                                      minimum=0)
         # until the run starts, score=None reads as "group" (its pick but in fine-tuning);
@@ -306,6 +315,10 @@ class EpicPlus(EpicDefense):
             picked = " (fine-tuning picks it)" if self._score is None else ""
             raise EpicError(f"spread applies to score='group', not '{score}'{picked}; pass "
                             "score='group' or spread=0")
+        if self.reference and score != "group":
+            picked = " (fine-tuning picks it)" if self._score is None else ""
+            raise EpicError(f"reference applies to score='group', not '{score}'{picked}; pass "
+                            "score='group' or leave reference out")
         if self.spread > k:
             raise EpicError(f"spread must be <= k ({k}), got {self.spread}")
         if score != "misfit":
@@ -403,6 +416,14 @@ class EpicPlus(EpicDefense):
             if torch.equal(feats, features) and torch.equal(labs, labels):  # False on shapes
                 return scores
         scores = group_isolation(features, labels, k=self.k, spread=self.spread).cpu()
+        if self.reference:
+            scored = scores > 0  # not a small class
+            ref = reference_loss(features, labels).cpu()
+            both = torch.zeros_like(scores)
+            if scored.any():
+                both[scored] = torch.maximum(percentile_rank(scores[scored]),
+                                             percentile_rank(ref[scored]))
+            scores = both
         self._memo = (features, labels, scores)
         return scores
 

@@ -10,6 +10,7 @@ from .isolation import (
     knn_isolation,
     neighbourhood_loss,
     percentile_rank,
+    reference_loss,
     small_classes,
 )
 from .proxy import GradientProxy, gradient_proxy, pairwise_distances
@@ -29,5 +30,6 @@ __all__ = [
     "objective",
     "pairwise_distances",
     "percentile_rank",
+    "reference_loss",
     "small_classes",
 ]

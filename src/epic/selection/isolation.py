@@ -30,7 +30,7 @@ from .._validation import check_int, check_labels, check_number
 from .proxy import GradientProxy, as_proxy, pairwise_distances
 
 __all__ = ["group_isolation", "knn_isolation", "neighbourhood_loss", "percentile_rank",
-           "small_classes"]
+           "reference_loss", "small_classes"]
 
 
 def knn_isolation(proxies: Tensor | GradientProxy, labels: Tensor, *, k: int = 10,
@@ -193,6 +193,68 @@ def neighbourhood_loss(points: Tensor, losses: Tensor, labels: Tensor, *, k: int
             own = labels == c
             score[own] /= torch.maximum(score[own].median(), floor) ** relative
     return score
+
+
+def reference_loss(points: Tensor, labels: Tensor, *, k: int = 200, reg: float = 1.0,
+                   steps: int = 100, block: int = 1024) -> Tensor:
+    """(N,) cross-entropy of each example's label under a linear classifier fit on the
+    examples whose ``k`` nearest neighbours mostly carry their label.
+
+    Feature-space poisons (bullseye polytope) sit among the examples of the target's class
+    with their own label: a classifier of the clean examples reads them as that class. But
+    a classifier fit on the whole set learns them too (a few points in a direction no clean
+    example takes), and one fit on the other folds still holds the other poisons. The
+    examples that Deep k-NN would keep (label = the plurality of their ``k`` nearest) leave
+    most poisons out, so a classifier fit on them is close to one of the clean set; each
+    example is then scored under it, and the poisons' losses are high.
+
+    Args:
+        points: (N, D) vectors, e.g. penultimate features (standardised here).
+        labels: (N,) integer class labels.
+        k: the neighbours that vote (capped at N - 1); many more than one target's poisons,
+            which are each other's nearest neighbours.
+        reg: L2 penalty on the weights (not the bias) against the summed cross-entropy, as
+            scikit-learn's ``LogisticRegression(C=1 / reg)``.
+        steps: L-BFGS iterations of the full-batch fit.
+        block: rows of the (block, N) distance block held at once.
+
+    Returns:
+        Float32 losses, one per example.
+    """
+    x = _checked_points(points)
+    n = len(x)
+    check_int("k", k, minimum=1)
+    check_int("steps", steps, minimum=1)
+    reg = check_number("reg", reg, minimum=0)
+    labels = check_labels(labels, n, None).to(x.device)
+    x = (x - x.mean(0)) / x.std(0).clamp(min=1e-6)
+    classes = int(labels.max()) + 1
+    top = min(k, n - 1)
+    trusted = torch.ones(n, dtype=torch.bool, device=x.device)
+    if top >= 1:
+        for rows, d in _distance_blocks(x, block, itself=float("inf")):
+            near = labels[d.topk(top, dim=1, largest=False).indices]  # (rows, top)
+            votes = torch.zeros(len(rows), classes, device=x.device).scatter_add_(
+                1, near, torch.ones_like(near, dtype=torch.float32))
+            trusted[rows] = votes.argmax(1) == labels[rows]
+    if not trusted.any():
+        trusted[:] = True
+    xs, ys = x[trusted], labels[trusted]
+    weight = torch.zeros(x.shape[1], classes, device=x.device, requires_grad=True)
+    bias = torch.zeros(classes, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xs @ weight + bias, ys, reduction="sum") \
+            + 0.5 * reg * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(x @ weight + bias, labels, reduction="none")
 
 
 def _checked_points(points: Tensor) -> Tensor:
