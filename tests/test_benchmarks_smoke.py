@@ -194,7 +194,8 @@ def test_feature_isolation_reads_a_transfer_bench(transfer_bench, tmp_path):
                       "--top", "0.1", "--label-scores")
     assert data["benchmark"] == "feature_isolation"
     rows = {r["score"]: r for r in data["rows"]}
-    assert {"iso10", "ratio30", "drop5-50", "disagree10", "head-loss", "oof-loss"} <= set(rows)
+    assert {"iso10", "ratio30", "drop5-50", "disagree10", "head-loss", "oof-loss",
+            "reference-loss", "group30+reference"} <= set(rows)
     for r in rows.values():
         (count,) = r["per_trial"]
         assert 0 <= count <= 5

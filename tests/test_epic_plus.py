@@ -446,6 +446,11 @@ def test_reference_loss_reads_a_planted_group_as_the_class_it_sits_in():
     loss = reference_loss(x, y, k=30)
     assert set(loss.topk(8).indices.tolist()) == set(range(300, 308))
     assert loss[300:].min() > 2.0 and loss[:300].median() < 0.1
+    # more voters than the smallest class (100) has examples: capped at 99, so class 0 and 2
+    # still win their own votes and the group stays on top
+    wide = reference_loss(x, y, k=1000)
+    assert torch.equal(wide, reference_loss(x, y, k=99))
+    assert set(wide.topk(8).indices.tolist()) == set(range(300, 308))
     with pytest.raises(EpicError, match="k must be >= 1"):
         reference_loss(x, y, k=0)
     with pytest.raises(EpicError, match="reg must be >= 0"):

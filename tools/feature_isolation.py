@@ -19,7 +19,10 @@ With ``--label-scores`` it also ranks by how badly a linear classifier reads eac
 label: ``head-loss``, the cross-entropy under the extractor's own head (which a transfer
 victim does not have: it trains a new head), and ``oof-loss``, under a logistic regression
 fit on the other folds of the poisoned set (5-fold, scikit-learn), as label-noise detectors
-do.
+do; ``reference-loss``, under a linear head fit on the examples whose 200 nearest neighbours
+mostly carry their label (:func:`epic.selection.reference_loss`), and ``group30+reference``,
+the larger of its percentile rank and ``group30``'s (what ``epic-plus`` with
+``reference=True`` ranks by).
 
 Per trial it also reports how many poisons ``group30`` flags, the poisons' median percentile
 under it, and the share of poisons that the extractor's own head (the pretrained model's)
@@ -40,7 +43,7 @@ from _bench import open_bench  # noqa: E402
 from _common import print_table, save  # noqa: E402
 from epic.data import PoisonSet, splice_poisons  # noqa: E402
 from epic.models.features import forward_with_features  # noqa: E402
-from epic.selection import group_isolation  # noqa: E402
+from epic.selection import group_isolation, percentile_rank, reference_loss  # noqa: E402
 
 KS = (10, 30, 50)
 
@@ -65,8 +68,9 @@ def scores(features: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = K
 
 def label_scores(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, *,
                  folds: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The two ``--label-scores``: the label's cross-entropy under the extractor's own head
-    (``logits``) and under an out-of-fold logistic regression on the standardised features."""
+    """The ``--label-scores``: the label's cross-entropy under the extractor's own head
+    (``logits``), under an out-of-fold logistic regression on the standardised features, and
+    under :func:`~epic.selection.reference_loss`'s head (alone and with ``group30``)."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -77,8 +81,11 @@ def label_scores(features: torch.Tensor, logits: torch.Tensor, labels: torch.Ten
     proba = cross_val_predict(LogisticRegression(max_iter=300), x, y, method="predict_proba",
                               cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
     oof = -np.log(proba[np.arange(len(y)), y] + 1e-12)
+    ref = reference_loss(features, labels)
+    group = group_isolation(features, labels, k=30)
     return {"head-loss": -logits.log_softmax(1).gather(1, labels[:, None]).squeeze(1),
-            "oof-loss": torch.from_numpy(oof).float()}
+            "oof-loss": torch.from_numpy(oof).float(), "reference-loss": ref,
+            "group30+reference": torch.maximum(percentile_rank(group), percentile_rank(ref))}
 
 
 def main() -> None:
@@ -89,8 +96,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=list(KS),
                         help=f"the far neighbours scored (default {' '.join(map(str, KS))})")
     parser.add_argument("--label-scores", action="store_true",
-                        help="also rank by the label's loss under the extractor's own head "
-                             "and under an out-of-fold logistic regression")
+                        help="also rank by the label's loss under the extractor's own head, "
+                             "an out-of-fold logistic regression and reference_loss's head")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if min(args.k) < 6:

@@ -211,8 +211,10 @@ def reference_loss(points: Tensor, labels: Tensor, *, k: int = 200, reg: float =
     Args:
         points: (N, D) vectors, e.g. penultimate features (standardised here).
         labels: (N,) integer class labels.
-        k: the neighbours that vote (capped at N - 1); many more than one target's poisons,
-            which are each other's nearest neighbours.
+        k: the neighbours that vote; many more than one target's poisons, which are each
+            other's nearest neighbours. Capped below the smallest class's size, so that
+            every class can win its own examples' vote (with more voters than a class has
+            examples, the others outvote it).
         reg: L2 penalty on the weights (not the bias) against the summed cross-entropy, as
             scikit-learn's ``LogisticRegression(C=1 / reg)``.
         steps: L-BFGS iterations of the full-batch fit.
@@ -229,7 +231,8 @@ def reference_loss(points: Tensor, labels: Tensor, *, k: int = 200, reg: float =
     labels = check_labels(labels, n, None).to(x.device)
     x = (x - x.mean(0)) / x.std(0).clamp(min=1e-6)
     classes = int(labels.max()) + 1
-    top = min(k, n - 1)
+    sizes = torch.bincount(labels, minlength=classes)
+    top = min(k, int(sizes[sizes > 0].min()) - 1)
     trusted = torch.ones(n, dtype=torch.bool, device=x.device)
     if top >= 1:
         for rows, d in _distance_blocks(x, block, itself=float("inf")):
