@@ -214,7 +214,8 @@ def reference_loss(points: Tensor, labels: Tensor, *, k: int = 200, reg: float =
         k: the neighbours that vote; many more than one target's poisons, which are each
             other's nearest neighbours. Capped below the smallest class's size, so that
             every class can win its own examples' vote (with more voters than a class has
-            examples, the others outvote it).
+            examples, the others outvote it); a class of one example leaves no voters, and
+            then every example trains the classifier.
         reg: L2 penalty on the weights (not the bias) against the summed cross-entropy, as
             scikit-learn's ``LogisticRegression(C=1 / reg)``.
         steps: L-BFGS iterations of the full-batch fit.
