@@ -42,8 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _bench import open_bench  # noqa: E402
 from _common import print_table, save  # noqa: E402
 from epic.data import PoisonSet, splice_poisons  # noqa: E402
+from epic.defenses.epic_plus import with_reference  # noqa: E402
 from epic.models.features import forward_with_features  # noqa: E402
-from epic.selection import group_isolation, percentile_rank, reference_loss  # noqa: E402
+from epic.selection import group_isolation, reference_loss  # noqa: E402
 
 KS = (10, 30, 50)
 
@@ -67,10 +68,12 @@ def scores(features: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = K
 
 
 def label_scores(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, *,
-                 folds: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
+                 group: torch.Tensor | None = None, folds: int = 5, seed: int = 0
+                 ) -> dict[str, torch.Tensor]:
     """The ``--label-scores``: the label's cross-entropy under the extractor's own head
     (``logits``), under an out-of-fold logistic regression on the standardised features, and
-    under :func:`~epic.selection.reference_loss`'s head (alone and with ``group30``)."""
+    under :func:`~epic.selection.reference_loss`'s head (alone and with ``group``, the
+    ``group30`` score, computed here when not given)."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -82,10 +85,11 @@ def label_scores(features: torch.Tensor, logits: torch.Tensor, labels: torch.Ten
                               cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
     oof = -np.log(proba[np.arange(len(y)), y] + 1e-12)
     ref = reference_loss(features, labels)
-    group = group_isolation(features, labels, k=30)
+    if group is None:
+        group = group_isolation(features, labels, k=30)
     return {"head-loss": -logits.log_softmax(1).gather(1, labels[:, None]).squeeze(1),
             "oof-loss": torch.from_numpy(oof).float(), "reference-loss": ref,
-            "group30+reference": torch.maximum(percentile_rank(group), percentile_rank(ref))}
+            "group30+reference": with_reference(group, ref)}
 
 
 def main() -> None:
@@ -115,12 +119,12 @@ def main() -> None:
                 for x in poisoned.images.split(500)], strict=True))
         flagged = int(round(args.top * len(feats)))
         ranked = scores(feats, poisoned.labels, tuple(args.k))
+        group = group_isolation(feats, poisoned.labels, k=30)
         if args.label_scores:
-            ranked.update(label_scores(feats, logits, poisoned.labels))
+            ranked.update(label_scores(feats, logits, poisoned.labels, group=group))
         for name, score in ranked.items():
             top = score.topk(flagged).indices
             counts.setdefault(name, []).append(int(is_poison[top].sum()))
-        group = group_isolation(feats, poisoned.labels, k=30)
         rank = group.argsort().argsort().float() / max(len(group) - 1, 1)
         off = logits.argmax(1) != poisoned.labels
         trials.append({"trial": int(path.parent.name.split("-")[-1]),

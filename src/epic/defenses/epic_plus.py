@@ -152,6 +152,19 @@ def with_texture(scores: torch.Tensor, texture: torch.Tensor, labels: torch.Tens
     return out, named
 
 
+def with_reference(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Group scores ``scores`` with the reference losses ``reference``
+    (:func:`~epic.selection.reference_loss`) folded in as ``epic-plus``'s ``reference``
+    option does: the larger of the two percentile ranks among the scored examples (group
+    score above 0); the small classes' examples stay at 0."""
+    scored = scores > 0
+    out = torch.zeros_like(scores)
+    if scored.any():
+        out[scored] = torch.maximum(percentile_rank(scores[scored]),
+                                    percentile_rank(reference[scored]))
+    return out
+
+
 def _stem_pass(trainer: Any, idx: torch.Tensor) -> torch.Tensor | None:
     """First-layer statistics of the training examples ``idx`` in eval mode, each forward
     stopped at the first layer (every process computes all of them: one convolution)."""
@@ -417,13 +430,7 @@ class EpicPlus(EpicDefense):
                 return scores
         scores = group_isolation(features, labels, k=self.k, spread=self.spread).cpu()
         if self.reference:
-            scored = scores > 0  # not a small class
-            ref = reference_loss(features, labels).cpu()
-            both = torch.zeros_like(scores)
-            if scored.any():
-                both[scored] = torch.maximum(percentile_rank(scores[scored]),
-                                             percentile_rank(ref[scored]))
-            scores = both
+            scores = with_reference(scores, reference_loss(features, labels).cpu())
         self._memo = (features, labels, scores)
         return scores
 
