@@ -12,7 +12,13 @@ import torch
 from conftest import small_model
 from epic import EpicError
 from epic.defenses import EpicPlus, create_defense
-from epic.defenses.epic_plus import concentrated_class, stem_isolation, top_flags
+from epic.defenses.epic_plus import (
+    concentrated_class,
+    squeeze_shift,
+    stem_isolation,
+    top_flags,
+    with_rank,
+)
 from epic.models import StemReached, capture_stem_stats, create_model, find_stem
 from epic.selection import (
     GradientProxy,
@@ -157,13 +163,13 @@ def test_patience_defaults_to_3_from_scratch_and_1_from_a_pretrained_model(
         scenario, given, expected):
     plus = EpicPlus(fraction=0.03, score="knn", k=5, patience=given)
     config = TrainConfig(scenario=scenario, epochs=8)
-    plus.on_train_start(SimpleNamespace(config=config))
+    plus.on_train_start(SimpleNamespace(config=config, images=None))
     assert plus.patience == expected
     # and so does the warm-up: a pretrained model gets a round before its first epoch
     assert plus.schedule.epochs(8)[0] == (0 if scenario != "scratch" else 1)
     assert plus.schedule.until == config.milestone_epochs()[-1]  # up to the last decay
     fixed = EpicPlus(warmup=2, until=6)
-    fixed.on_train_start(SimpleNamespace(config=config))
+    fixed.on_train_start(SimpleNamespace(config=config, images=None))
     assert fixed.schedule.epochs(8) == [2, 3, 4, 5, 6]
     # the rule follows: with patience 1 an example flagged in the first round drops in it
     x, y, group = planted()
@@ -179,7 +185,8 @@ def test_patience_defaults_to_3_from_scratch_and_1_from_a_pretrained_model(
 def test_proxy_pass_defaults_to_the_training_steps_features_for_a_pretrained_model(
         scenario, given, expected):
     plus = EpicPlus(proxy_pass=given)
-    plus.on_train_start(SimpleNamespace(config=TrainConfig(scenario=scenario, epochs=8)))
+    plus.on_train_start(SimpleNamespace(config=TrainConfig(scenario=scenario, epochs=8),
+                                        images=None))
     assert plus.proxy_pass == expected
     with pytest.raises(EpicError, match="proxy_pass"):
         EpicPlus(proxy_pass="features")
@@ -556,7 +563,8 @@ def test_score_defaults_to_misfit_when_fine_tuning_the_models_own_head(scenario,
                                                                        expected, k):
     plus = EpicPlus(score=given)
     assert plus.score == (given or "group")  # before the run: the pick outside fine-tuning
-    plus.on_train_start(SimpleNamespace(config=TrainConfig(scenario=scenario, epochs=8)))
+    plus.on_train_start(SimpleNamespace(config=TrainConfig(scenario=scenario, epochs=8),
+                                        images=None))
     assert (plus.score, plus.k) == (expected, k)
     assert plus.relative == (0.5 if expected == "misfit" else None)
     assert plus.summary()["relative"] == plus.relative
@@ -571,3 +579,73 @@ def test_score_defaults_to_misfit_when_fine_tuning_the_models_own_head(scenario,
                                             r"'misfit' \(fine-tuning picks it\)"):
             EpicPlus(reference=True).on_train_start(
                 SimpleNamespace(config=TrainConfig(scenario=scenario, epochs=8)))
+
+
+def test_squeeze_shift_is_the_feature_distance_to_the_squeezed_copy_and_folds_in_as_a_rank():
+    feats = torch.tensor([[0.0, 0.0], [1.0, 1.0], [3.0, 4.0]])
+    squeezed = torch.tensor([[0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    assert torch.allclose(squeeze_shift(feats, squeezed), torch.tensor([1.0, 0.0, 5.0]))
+    with pytest.raises(EpicError, match=r"features \(3, 2\) and squeezed features \(2, 2\)"):
+        squeeze_shift(feats, squeezed[:2])
+    # the larger of the two ranks among the scored examples; an unscored one stays at 0
+    scores = torch.tensor([0.9, 0.1, 0.5, 0.0])
+    other = torch.tensor([0.0, 9.0, 1.0, 100.0])
+    assert torch.equal(with_rank(scores, other), torch.tensor([1.0, 1.0, 2 / 3, 0.0]))
+    with pytest.raises(EpicError, match="squeeze"):
+        EpicPlus(squeeze=101)
+    with pytest.raises(EpicError, match=r"squeeze compresses the training images, and this "
+                                        r"run streams them from files; load them in memory "
+                                        r"\(no --stream\) or pass squeeze=0"):
+        EpicPlus(squeeze=70).on_train_start(
+            SimpleNamespace(config=TrainConfig(epochs=8), images=None))
+
+
+@pytest.mark.parametrize("scenario, given, streamed, expected", [
+    ("transfer", None, False, 70), ("transfer", None, True, 0), ("scratch", None, False, 0),
+    ("finetune", None, False, 0), ("scratch", 50, False, 50), ("transfer", 0, False, 0)])
+def test_squeeze_defaults_to_quality_70_in_transfer_learning_only(scenario, given, streamed,
+                                                                  expected):
+    plus = EpicPlus(squeeze=given)
+    plus.on_train_start(SimpleNamespace(config=TrainConfig(scenario=scenario, epochs=8),
+                                        images=None if streamed else torch.zeros(1)))
+    assert plus.squeeze == plus.summary()["squeeze"] == expected
+
+
+@pytest.mark.parametrize("scenario", ["scratch", "transfer"])
+def test_epic_plus_squeeze_drops_the_images_whose_squeezed_copy_moves_their_features(
+        digits, scenario, monkeypatch):
+    """20 images of class 3 carry +-40 levels of pixel noise, like a poison's crafted
+    perturbation, and a stand-in for the JPEG codec takes exactly that noise off (on 8x8
+    digits the real codec rewrites every image; on CIFAR-10 it takes most of a poison's
+    perturbation off and little of a clean image, docs/results.md). ``squeeze`` drops the
+    noisy images, whose features move; without it the features alone do not set them apart
+    (texture off, so only the two feature ranks count). The copies are made once, of the
+    training images, at the quality given."""
+    import epic.defenses.epic_plus as module
+
+    train, _ = digits
+    g = torch.Generator().manual_seed(1)
+    noisy = (train.labels == 3).nonzero().squeeze(1)[:20]
+    images = train.images.clone()
+    noise = (torch.randint(0, 2, (20, *images.shape[1:]), generator=g) * 2 - 1) * 40
+    images[noisy] = (images[noisy].int() + noise).clamp(0, 255).to(images.dtype)
+    marked = dataclasses.replace(train, images=images)
+    calls = []
+
+    def restore(pixels, quality):
+        calls.append(quality)
+        assert torch.equal(pixels, images)
+        return train.images.clone()
+
+    monkeypatch.setattr(module, "jpeg_compress", restore)
+    dropped = {}
+    for squeeze in (70, 0):
+        plus = create_defense("epic-plus", fraction=0.02, stem="never", squeeze=squeeze)
+        trainer = Trainer(small_model(), marked, callbacks=[plus], config=TrainConfig(
+            epochs=4, batch_size=64, lr=0.05, augment="none", progress=False,
+            scenario=scenario))
+        trainer.fit()
+        dropped[squeeze] = int((~trainer.active[noisy]).sum())
+        assert plus.summary()["squeeze"] == squeeze
+    assert calls == [70]
+    assert dropped[70] >= 8 and dropped[0] <= 2, dropped  # measured: 10 (13 transfer), 0

@@ -24,6 +24,11 @@ mostly carry their label (:func:`epic.selection.reference_loss`), and ``group30+
 the larger of its percentile rank and ``group30``'s (what ``epic-plus`` with
 ``reference=True`` ranks by).
 
+With ``--squeeze Q [Q ...]`` it also ranks by ``squeeze{Q}``, how far each example's features
+move on a JPEG copy of its image at quality Q (:func:`epic.defenses.epic_plus.squeeze_shift`),
+and by ``group30+squeeze{Q}``, the larger of its percentile rank and ``group30``'s (what
+``epic-plus`` with ``squeeze=Q`` ranks by).
+
 Per trial it also reports how many poisons ``group30`` flags, the poisons' median percentile
 under it, and the share of poisons that the extractor's own head (the pretrained model's)
 assigns to a class other than their label: poisons still read as their label have not moved
@@ -42,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _bench import open_bench  # noqa: E402
 from _common import print_table, save  # noqa: E402
 from epic.data import PoisonSet, splice_poisons  # noqa: E402
-from epic.defenses.epic_plus import with_reference  # noqa: E402
+from epic.defenses.epic_plus import squeeze_shift, with_rank, with_reference  # noqa: E402
+from epic.defenses.jpeg import jpeg_compress  # noqa: E402
 from epic.models.features import forward_with_features  # noqa: E402
 from epic.selection import group_isolation, reference_loss  # noqa: E402
 
@@ -102,26 +108,39 @@ def main() -> None:
     parser.add_argument("--label-scores", action="store_true",
                         help="also rank by the label's loss under the extractor's own head, "
                              "an out-of-fold logistic regression and reference_loss's head")
+    parser.add_argument("--squeeze", type=int, nargs="+", default=[], metavar="Q",
+                        help="also rank by the features' move on a JPEG copy at quality Q "
+                             "(1-100), alone and with group30")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if min(args.k) < 6:
         parser.error("--k values must be >= 6: the scores compare with the 5th neighbour")
+    if any(not 1 <= q <= 100 for q in args.squeeze):
+        parser.error("--squeeze values must be JPEG qualities, 1-100")
     torch.set_num_threads(1)
     bench = open_bench(args.bench, args.seed)
     counts: dict[str, list[int]] = {}
     trials: list[dict[str, float]] = []
     files = sorted(bench.folder.glob(f"poisons/*/seed{args.seed}/trial-*/poisons.npz"))
+
+    def forward(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return tuple(torch.cat(t) for t in zip(*[  # type: ignore[return-value]
+                forward_with_features(bench.surrogate, x.float() / 255)
+                for x in images.split(500)], strict=True))
+
     for path in files:
         poisoned, is_poison = splice_poisons(bench.train, PoisonSet.load(path))
-        with torch.no_grad():
-            logits, feats = (torch.cat(t) for t in zip(*[
-                forward_with_features(bench.surrogate, x.float() / 255)
-                for x in poisoned.images.split(500)], strict=True))
+        logits, feats = forward(poisoned.images)
         flagged = int(round(args.top * len(feats)))
         ranked = scores(feats, poisoned.labels, tuple(args.k))
         group = group_isolation(feats, poisoned.labels, k=30)
         if args.label_scores:
             ranked.update(label_scores(feats, logits, poisoned.labels, group=group))
+        for q in args.squeeze:
+            shift = squeeze_shift(feats, forward(jpeg_compress(poisoned.images, q))[1])
+            ranked[f"squeeze{q}"] = shift
+            ranked[f"group30+squeeze{q}"] = with_rank(group, shift)
         for name, score in ranked.items():
             top = score.topk(flagged).indices
             counts.setdefault(name, []).append(int(is_poison[top].sum()))
