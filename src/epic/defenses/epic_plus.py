@@ -30,6 +30,13 @@ from their class fall in one class far beyond chance (one target's poisons all c
 label; natural oddities spread over the classes), that class's examples are also ranked by
 that texture (``stem="auto"``). On CIFAR-10 at eps 8-16 no class stood out and nothing changes.
 
+In transfer learning a third view: a feature-space poison (bullseye, feature collision) is
+a clean image plus a few levels of noise optimised to move its features. A JPEG copy of it
+loses most of that noise and its features move back, where a clean image's barely move; each
+example is also ranked by that move (``squeeze``, quality 70). On CIFAR-10 bullseye it takes
+the poisons removed from 58% to 98%; on 8x8 digits it carries nothing (the codec rewrites
+every image), and the other ranks do the work.
+
 A pretrained model also gets its first round before its first epoch (``warmup`` 0): a
 fine-tuning run's first epoch at its highest learning rate is enough for the poisons to act.
 
