@@ -649,3 +649,23 @@ def test_epic_plus_squeeze_drops_the_images_whose_squeezed_copy_moves_their_feat
         assert plus.summary()["squeeze"] == squeeze
     assert calls == [70]
     assert dropped[70] >= 8 and dropped[0] <= 2, dropped  # measured: 10 (13 transfer), 0
+
+
+def test_a_reused_epic_plus_compresses_each_runs_own_images(digits, monkeypatch):
+    """The JPEG copies belong to one run: a defense object trained with twice (as a
+    library user may) compresses the second run's images, not the first's again."""
+    import epic.defenses.epic_plus as module
+
+    train, _ = digits
+    seen = []
+    monkeypatch.setattr(module, "jpeg_compress",
+                        lambda pixels, quality: seen.append(pixels.clone()) or pixels.clone())
+    brighter = dataclasses.replace(train, images=(train.images.int() + 1).clamp(max=255)
+                                   .to(train.images.dtype))
+    plus = create_defense("epic-plus", fraction=0.02, squeeze=70)
+    for data in (train, brighter):
+        Trainer(small_model(), data, callbacks=[plus], config=TrainConfig(
+            epochs=1, batch_size=64, lr=0.05, augment="none", progress=False,
+            scenario="transfer")).fit()
+    assert len(seen) == 2
+    assert torch.equal(seen[0], train.images) and torch.equal(seen[1], brighter.images)

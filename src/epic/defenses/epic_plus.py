@@ -348,6 +348,7 @@ class EpicPlus(EpicDefense):
             self.proxy_pass = "training-features" if trainer.config.pretrained else "separate"
         if self._score is None:
             self._resolve("misfit" if trainer.config.scenario == "finetune" else "group")
+        self._squeezed = self._shift = None  # this run's images: copies made at its first round
         if self._squeeze is None:
             transfer = trainer.config.scenario == "transfer" and trainer.images is not None
             self.squeeze = _SQUEEZE_TRANSFER if transfer else 0
