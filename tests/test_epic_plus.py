@@ -313,6 +313,18 @@ def test_stem_statistics_are_the_rectified_first_convolutions_channel_mean_and_s
     assert cap.stats() is None
 
 
+def with_sign_noise(data, *, label, count, level, seed):
+    """``data`` with ``+-level`` pixel noise (random signs, clamped to 0-255) on its first
+    ``count`` images of class ``label``, like one target's perturbed poisons; and their
+    indices."""
+    g = torch.Generator().manual_seed(seed)
+    noisy = (data.labels == label).nonzero().squeeze(1)[:count]
+    images = data.images.clone()
+    noise = (torch.randint(0, 2, (count, *images.shape[1:]), generator=g) * 2 - 1) * level
+    images[noisy] = (images[noisy].int() + noise).clamp(0, 255).to(images.dtype)
+    return dataclasses.replace(data, images=images), noisy
+
+
 @pytest.mark.parametrize("scenario", ["scratch", "transfer"])
 def test_epic_plus_auto_adds_texture_in_the_class_that_a_large_perturbation_marks(
         digits, scenario):
@@ -321,12 +333,7 @@ def test_epic_plus_auto_adds_texture_in_the_class_that_a_large_perturbation_mark
     ``"never"`` ranks penultimate features only, where they do not stand out. In transfer
     the frozen extractor's statistics come from one pass stopped at the first layer."""
     train, _ = digits
-    g = torch.Generator().manual_seed(0)
-    noisy = (train.labels == 0).nonzero().squeeze(1)[:13]
-    images = train.images.clone()
-    noise = (torch.randint(0, 2, (13, *images.shape[1:]), generator=g) * 2 - 1) * 128
-    images[noisy] = (images[noisy].int() + noise).clamp(0, 255).to(images.dtype)
-    marked = dataclasses.replace(train, images=images)
+    marked, noisy = with_sign_noise(train, label=0, count=13, level=128, seed=0)
     dropped = {}
     for mode in ("auto", "never"):
         plus = create_defense("epic-plus", fraction=0.02, stem=mode)
@@ -624,17 +631,12 @@ def test_epic_plus_squeeze_drops_the_images_whose_squeezed_copy_moves_their_feat
     import epic.defenses.epic_plus as module
 
     train, _ = digits
-    g = torch.Generator().manual_seed(1)
-    noisy = (train.labels == 3).nonzero().squeeze(1)[:20]
-    images = train.images.clone()
-    noise = (torch.randint(0, 2, (20, *images.shape[1:]), generator=g) * 2 - 1) * 40
-    images[noisy] = (images[noisy].int() + noise).clamp(0, 255).to(images.dtype)
-    marked = dataclasses.replace(train, images=images)
+    marked, noisy = with_sign_noise(train, label=3, count=20, level=40, seed=1)
     calls = []
 
     def restore(pixels, quality):
         calls.append(quality)
-        assert torch.equal(pixels, images)
+        assert torch.equal(pixels, marked.images)
         return train.images.clone()
 
     monkeypatch.setattr(module, "jpeg_compress", restore)
