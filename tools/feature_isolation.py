@@ -134,7 +134,9 @@ def main() -> None:
         logits, feats = forward(poisoned.images)
         flagged = int(round(args.top * len(feats)))
         ranked = scores(feats, poisoned.labels, tuple(args.k))
-        group = group_isolation(feats, poisoned.labels, k=30)
+        group = ranked.get("group30")  # computed there unless --k leaves 30 out
+        if group is None:
+            group = group_isolation(feats, poisoned.labels, k=30)
         if args.label_scores:
             ranked.update(label_scores(feats, logits, poisoned.labels, group=group))
         for q in args.squeeze:
