@@ -13,7 +13,7 @@ from epic._errors import EpicError
 from epic.attacks import Target, ThreatModel, create_attack, list_attacks
 from epic.attacks.bullseye_polytope import BullseyePolytope
 from epic.attacks.feature_collision import FeatureCollision, default_beta
-from epic.data import ImageTensors, PoisonSet
+from epic.data import ImageTensors, PoisonSet, jpeg_compress
 from epic.models import forward_with_features
 
 ATTACKS = ["bullseye-polytope", "feature-collision"]
@@ -21,9 +21,10 @@ EPS = 16.0
 NUM_POISONS = 5
 
 
-def _train_convnet(train: ImageTensors, seed: int, steps: int = 60) -> torch.nn.Module:
+def _train_convnet(train: ImageTensors, seed: int, steps: int = 60, **options
+                   ) -> torch.nn.Module:
     """A tiny convnet briefly trained on digits, so that its features mean something."""
-    model = tiny_model(seed, mean=(0.31,))
+    model = tiny_model(seed, **{"mean": (0.31,), **options})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = train.images.float() / 255, train.labels
     g = torch.Generator().manual_seed(seed)
@@ -122,6 +123,37 @@ def test_bullseye_moves_centroid_to_target(digits, surrogates, target):
     assert after < 0.8 * before
     assert poisons.metadata["result"]["initial_loss"] == pytest.approx(before, rel=1e-4)
     assert poisons.metadata["result"]["final_loss"] == pytest.approx(after, rel=0.05)
+
+
+def test_bullseye_jpeg_adapts_to_compression(digits):
+    """The adaptive attacker (``jpeg``): its poisons' features move about half as far on a
+    JPEG copy as the plain attack's (the signal EPIC-plus's ``squeeze`` ranks), and its
+    centroid still reaches the target. On 32x32 colour copies of the digits: on 8x8 images
+    the codec rewrites everything."""
+    train, test = digits
+
+    def big(images):
+        x = F.interpolate(images.float(), size=32, mode="bilinear", align_corners=False)
+        return x.repeat(1, 3, 1, 1).round().clamp(0, 255).to(torch.uint8)
+
+    train = ImageTensors(big(train.images), train.labels, train.classes)
+    test = ImageTensors(big(test.images), test.labels, test.classes)
+    model = _train_convnet(train, seed=0, in_channels=3, mean=(0.31,) * 3)
+    target = Target.from_split(test, 0, adv_label=(int(test.labels[0]) + 1) % 10)
+    plain = _craft("bullseye-polytope", model, train, target, eps=8, steps=60)
+    adaptive = _craft("bullseye-polytope", model, train, target, eps=8, steps=60, jpeg=70)
+
+    def shift(poisons):
+        return float((_features(model, poisons.images)
+                      - _features(model, jpeg_compress(poisons.images, 70))).norm(dim=1).mean())
+
+    assert shift(adaptive) < 0.7 * shift(plain)
+    before = _centroid_distance(model, train.images[adaptive.base_indices], target.image)
+    after = _centroid_distance(model, adaptive.images, target.image)
+    assert after < 0.8 * before
+    result = adaptive.metadata["result"]
+    assert result["final_plain_loss"] == pytest.approx(after, rel=0.05)
+    assert "final_plain_loss" not in plain.metadata["result"]
 
 
 @pytest.mark.parametrize("watermark", [0.0, 0.3])
@@ -225,6 +257,8 @@ def test_round_trip(tmp_path, digits, surrogates, target, name, fmt):
     (BullseyePolytope, {"lr": -0.1}),
     (BullseyePolytope, {"lr": float("nan")}),
     (BullseyePolytope, {"tol": -1.0}),
+    (BullseyePolytope, {"jpeg": 101}),
+    (BullseyePolytope, {"jpeg": -1}),
     (FeatureCollision, {"steps": 0}),
     (FeatureCollision, {"lr": 0.0}),
     (FeatureCollision, {"lr": "0.1"}),

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 from epic import EpicError
+from epic.data.codec import jpeg_straight_through
 from epic.defenses import DefenseSpec, JpegCompression, create_defense, jpeg_compress
 from epic.evaluation import RunConfig, run_training
 from epic.training import TrainConfig
@@ -40,6 +43,25 @@ def test_jpeg_handles_grayscale_and_checks_quality():
         JpegCompression(quality=101)
     with pytest.raises(EpicError, match="quality must be an integer"):
         create_defense("jpeg", quality="50")
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_straight_through_jpeg_has_the_codecs_value_and_a_gradient(channels):
+    """What an adaptive attack optimises through: the real codec's output, and a gradient
+    that says a brighter image compresses to a brighter copy (about a quarter of the
+    identity's on average: kornia's soft rounding has slope 3 (x - round(x))^2)."""
+    images = (smooth_images(4, channels=channels).float() / 255).requires_grad_()
+    out = jpeg_straight_through(images, 70)
+    pixels = (images.detach() * 255).round().to(torch.uint8)
+    assert torch.allclose(out, jpeg_compress(pixels, 70).float() / 255)
+    out.sum().backward()
+    assert images.grad.shape == images.shape and float(images.grad.mean()) > 0.1
+
+
+def test_straight_through_jpeg_without_kornia_names_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "kornia.enhance", None)  # `import` raises ImportError
+    with pytest.raises(EpicError, match="pip install kornia"):
+        jpeg_straight_through(torch.zeros(1, 3, 8, 8), 70)
 
 
 def test_jpeg_defense_trains_on_the_compressed_images(tmp_path):

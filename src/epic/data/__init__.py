@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ._tensors import ImageTensors
 from ._unpickle import RestrictedUnpickler, restricted_load
 from .augment import augment_batch, random_crop, random_flip
+from .codec import jpeg_compress
 from .poisoned import PoisonedDataset, splice_poisons
 from .poisons import PoisonSet
 from .streaming import StreamingImages, read_image
@@ -51,6 +52,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "augment_batch",
+    "jpeg_compress",
     "random_crop",
     "random_flip",
     "CIFAR10",

@@ -9,39 +9,15 @@ cheap bar every other defense has to clear.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
 from torch import Tensor
 
 from .._validation import check_int
+from ..data.codec import jpeg_compress
 from .base import DefenseCallback, register_defense
 
 __all__ = ["JpegCompression", "jpeg_compress"]
-
-
-def jpeg_compress(images: Tensor, quality: int = 50) -> Tensor:
-    """JPEG-encode and decode uint8 images (N, C, H, W), C = 1 or 3, at ``quality`` (1-100).
-
-    Pillow's codec (4:2:0 chroma subsampling for colour, its default) runs once per image on
-    the CPU; returns a new uint8 tensor of the same shape on the images' device.
-    """
-    check_int("quality", quality, minimum=1, maximum=100)
-    pixels = images.detach().cpu().permute(0, 2, 3, 1).numpy()
-    if pixels.shape[-1] == 1:
-        pixels = pixels[..., 0]
-    out = np.empty_like(pixels)
-    for i, img in enumerate(pixels):  # the codec has no batch interface
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
-        buf.seek(0)
-        out[i] = np.asarray(Image.open(buf))
-    out_t = torch.from_numpy(out)
-    out_t = out_t[:, None] if out_t.ndim == 3 else out_t.permute(0, 3, 1, 2)
-    return out_t.contiguous().to(images.device)
 
 
 @register_defense("jpeg")
