@@ -46,9 +46,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _bench import open_bench  # noqa: E402
 from _common import print_table, save  # noqa: E402
-from epic.data import PoisonSet, splice_poisons  # noqa: E402
+from epic.data import PoisonSet, jpeg_compress, splice_poisons  # noqa: E402
 from epic.defenses.epic_plus import squeeze_shift, with_rank, with_reference  # noqa: E402
-from epic.defenses.jpeg import jpeg_compress  # noqa: E402
 from epic.models.features import forward_with_features  # noqa: E402
 from epic.selection import group_isolation, reference_loss  # noqa: E402
 

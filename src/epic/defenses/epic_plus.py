@@ -65,6 +65,7 @@ import torch
 from .. import _distributed as dist
 from .._errors import EpicError
 from .._validation import check_choice, check_fraction, check_int, check_number
+from ..data.codec import jpeg_compress
 from ..models.features import StemReached, capture_stem_stats
 from ..selection import (
     GradientProxy,
@@ -77,7 +78,6 @@ from ..selection import (
 )
 from .base import register_defense
 from .epic import EpicDefense
-from .jpeg import jpeg_compress
 
 __all__ = ["EpicPlus", "SCORES", "STEM_MODES", "class_concentration", "concentrated_class",
            "squeeze_shift", "stem_isolation", "top_flags", "with_rank", "with_reference",
