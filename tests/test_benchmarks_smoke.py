@@ -191,12 +191,13 @@ def test_poison_clusters_reads_a_transfer_bench(transfer_bench, tmp_path):
 @pytest.mark.slow
 def test_feature_isolation_reads_a_transfer_bench(transfer_bench, tmp_path):
     data = run_script("tools/feature_isolation.py", tmp_path, "--bench", str(transfer_bench),
-                      "--top", "0.1", "--label-scores", "--squeeze", "70")
+                      "--top", "0.1", "--label-scores", "--squeeze", "70", "70+90")
     assert data["benchmark"] == "feature_isolation"
     rows = {r["score"]: r for r in data["rows"]}
     assert {"iso10", "ratio30", "drop5-50", "disagree10", "head-loss", "oof-loss",
             "reference-loss", "group30+reference", "squeeze70",
-            "group30+squeeze70"} <= set(rows)
+            "group30+squeeze70", "group30+squeeze70+90"} <= set(rows)
+    assert "squeeze90" not in rows  # a quality only in a combination is not ranked alone
     for r in rows.values():
         (count,) = r["per_trial"]
         assert 0 <= count <= 5

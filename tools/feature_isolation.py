@@ -27,7 +27,8 @@ the larger of its percentile rank and ``group30``'s (what ``epic-plus`` with
 With ``--squeeze Q [Q ...]`` it also ranks by ``squeeze{Q}``, how far each example's features
 move on a JPEG copy of its image at quality Q (:func:`epic.defenses.epic_plus.squeeze_shift`),
 and by ``group30+squeeze{Q}``, the larger of its percentile rank and ``group30``'s (what
-``epic-plus`` with ``squeeze=Q`` ranks by).
+``epic-plus`` with ``squeeze=Q`` ranks by). ``Q1+Q2`` (e.g. ``70+90``) ranks by
+``group30+squeeze{Q1+Q2}``, the largest of ``group30``'s rank and each quality's.
 
 Per trial it also reports how many poisons ``group30`` flags, the poisons' median percentile
 under it, and the share of poisons that the extractor's own head (the pretrained model's)
@@ -107,15 +108,21 @@ def main() -> None:
     parser.add_argument("--label-scores", action="store_true",
                         help="also rank by the label's loss under the extractor's own head, "
                              "an out-of-fold logistic regression and reference_loss's head")
-    parser.add_argument("--squeeze", type=int, nargs="+", default=[], metavar="Q",
+    parser.add_argument("--squeeze", nargs="+", default=[], metavar="Q",
                         help="also rank by the features' move on a JPEG copy at quality Q "
-                             "(1-100), alone and with group30")
+                             "(1-100), alone and with group30; Q1+Q2: with group30, the "
+                             "largest of the ranks at each quality")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if min(args.k) < 6:
         parser.error("--k values must be >= 6: the scores compare with the 5th neighbour")
-    if any(not 1 <= q <= 100 for q in args.squeeze):
+    try:
+        combos = [tuple(int(q) for q in spec.split("+")) for spec in args.squeeze]
+    except ValueError:
+        parser.error("--squeeze values must be JPEG qualities, 1-100, or joined by '+'")
+    if any(not 1 <= q <= 100 for combo in combos for q in combo):
         parser.error("--squeeze values must be JPEG qualities, 1-100")
+    qualities = sorted({q for combo in combos for q in combo})
     torch.set_num_threads(1)
     bench = open_bench(args.bench, args.seed)
     counts: dict[str, list[int]] = {}
@@ -138,10 +145,14 @@ def main() -> None:
             group = group_isolation(feats, poisoned.labels, k=30)
         if args.label_scores:
             ranked.update(label_scores(feats, logits, poisoned.labels, group=group))
-        for q in args.squeeze:
-            shift = squeeze_shift(feats, forward(jpeg_compress(poisoned.images, q))[1])
-            ranked[f"squeeze{q}"] = shift
-            ranked[f"group30+squeeze{q}"] = with_rank(group, shift)
+        shifts = {q: squeeze_shift(feats, forward(jpeg_compress(poisoned.images, q))[1])
+                  for q in qualities}
+        for combo in combos:
+            name = "+".join(map(str, combo))
+            if len(combo) == 1:
+                ranked[f"squeeze{name}"] = shifts[combo[0]]
+            ranked[f"group30+squeeze{name}"] = torch.stack(
+                [with_rank(group, shifts[q]) for q in combo]).amax(0)
         for name, score in ranked.items():
             top = score.topk(flagged).indices
             counts.setdefault(name, []).append(int(is_poison[top].sum()))
