@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from epic import EpicError
+from epic.attacks import create_attack
 from epic.data.codec import jpeg_straight_through
 from epic.defenses import DefenseSpec, JpegCompression, create_defense, jpeg_compress
 from epic.evaluation import RunConfig, run_training
@@ -62,6 +63,9 @@ def test_straight_through_jpeg_without_kornia_names_the_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "kornia.enhance", None)  # `import` raises ImportError
     with pytest.raises(EpicError, match="pip install kornia"):
         jpeg_straight_through(torch.zeros(1, 3, 8, 8), 70)
+    with pytest.raises(EpicError, match="pip install kornia"):  # when built, not when crafting
+        create_attack("bullseye-polytope", jpeg=70)
+    assert create_attack("bullseye-polytope").jpeg == 0  # the plain attack does not need it
 
 
 def test_jpeg_defense_trains_on_the_compressed_images(tmp_path):
