@@ -40,7 +40,7 @@ def jpeg_compress(images: Tensor, quality: int = 50) -> Tensor:
 
 def differentiable_jpeg() -> Callable[[Tensor, Tensor], Tensor]:
     """kornia's differentiable JPEG model (an optional dependency: only the adaptive attacks
-    use it); an attack checks for it when it is built, before any work."""
+    use it, when they craft)."""
     try:
         from kornia.enhance import jpeg_codec_differentiable
     except ImportError as err:
