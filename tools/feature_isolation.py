@@ -147,12 +147,12 @@ def main() -> None:
             ranked.update(label_scores(feats, logits, poisoned.labels, group=group))
         shifts = {q: squeeze_shift(feats, forward(jpeg_compress(poisoned.images, q))[1])
                   for q in qualities}
+        folded = {q: with_rank(group, shift) for q, shift in shifts.items()}
         for combo in combos:
             name = "+".join(map(str, combo))
             if len(combo) == 1:
                 ranked[f"squeeze{name}"] = shifts[combo[0]]
-            ranked[f"group30+squeeze{name}"] = torch.stack(
-                [with_rank(group, shifts[q]) for q in combo]).amax(0)
+            ranked[f"group30+squeeze{name}"] = torch.stack([folded[q] for q in combo]).amax(0)
         for name, score in ranked.items():
             top = score.topk(flagged).indices
             counts.setdefault(name, []).append(int(is_poison[top].sum()))

@@ -4,7 +4,6 @@ attacks that adapt to them share."""
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -14,7 +13,7 @@ from torch import Tensor
 from .._errors import EpicError
 from .._validation import check_int
 
-__all__ = ["differentiable_jpeg", "jpeg_compress", "jpeg_straight_through"]
+__all__ = ["jpeg_compress", "jpeg_straight_through"]
 
 
 def jpeg_compress(images: Tensor, quality: int = 50) -> Tensor:
@@ -38,17 +37,6 @@ def jpeg_compress(images: Tensor, quality: int = 50) -> Tensor:
     return out_t.contiguous().to(images.device)
 
 
-def differentiable_jpeg() -> Callable[[Tensor, Tensor], Tensor]:
-    """kornia's differentiable JPEG model (an optional dependency: only the adaptive attacks
-    use it, when they craft)."""
-    try:
-        from kornia.enhance import jpeg_codec_differentiable
-    except ImportError as err:
-        raise EpicError("a JPEG-adaptive attack needs kornia's differentiable JPEG: "
-                        "pip install kornia") from err
-    return jpeg_codec_differentiable
-
-
 def jpeg_straight_through(images: Tensor, quality: int) -> Tensor:
     """JPEG round trip of float images (N, C, H, W) in [0, 1], C = 1 or 3, that gradients
     pass: the value is the real codec's (:func:`jpeg_compress` of the images rounded to
@@ -56,7 +44,11 @@ def jpeg_straight_through(images: Tensor, quality: int) -> Tensor:
     grey images through it as three equal channels). An attacker that optimises through it
     adapts to compression-based defenses."""
     check_int("quality", quality, minimum=1, maximum=100)
-    jpeg_codec_differentiable = differentiable_jpeg()
+    try:  # an optional dependency: only the adaptive attacks use it, when they craft
+        from kornia.enhance import jpeg_codec_differentiable
+    except ImportError as err:
+        raise EpicError("a JPEG-adaptive attack needs kornia's differentiable JPEG: "
+                        "pip install kornia") from err
     grey = images.shape[1] == 1
     rgb = images.expand(-1, 3, -1, -1) if grey else images
     quality_t = torch.tensor([float(quality)], device=images.device)
