@@ -381,3 +381,17 @@ def test_crafting_follows_the_augmentation_all_victims_share():
     mixed = load_bench_config({**base, "victims": [{**victim, "label": "a", "augment": "none"},
                                                    {**victim, "label": "b"}]})
     assert bench_mod._victims_augmentation(mixed) is None  # the dataset's default decides
+
+
+def test_bench_without_its_data_names_the_folder_and_no_download(tmp_path, capsys):
+    from epic.cli.main import main
+
+    raw = {**TINY, "dataset": "cifar10", "data_root": str(tmp_path / "missing")}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["bench", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: no cifar10 data at {tmp_path / 'missing'} (`make data` builds the "
+                   "CIFAR-10 copies in .cache): put the files there or point the config's "
+                   "data_root at them; `epic bench` does not download")
+    assert not (tmp_path / "o").exists()

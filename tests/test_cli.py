@@ -90,6 +90,10 @@ def test_list_with_a_pattern_that_matches_nothing_says_so(capsys):
 @pytest.mark.parametrize("args, message", [
     (["train", "--model", "nope"], "unknown model 'nope'; choose from"),
     (["train", "--dataset", "cifar10", "--data-root", "/nonexistent"], "/nonexistent"),
+    (["pretrain", "--dataset", "cifar10", "--data-root", "/nonexistent"],
+     "or pass download=True (--download on the command line)"),
+    (["craft", "--attack", "bullseye-polytope", "--checkpoint", "m.pt", "--dataset", "cifar10",
+      "--data-root", "/nonexistent"], "or pass download=True (--download on the command line)"),
     (["train", "--epochs", "0"], "epochs must be >= 1"),
     (["train", "--poisons", "/nonexistent/p.npz"], "cannot load poisons"),
     (["train", "--subset-fraction", "1.5"], "subset_fraction must be in (0, 1]"),
@@ -332,3 +336,9 @@ def test_the_defaults_that_train_help_states_are_the_librarys():
     assert len(stated) == 7, stated  # every EPIC flag but --until ("the last lr decay")
     for name, text in stated.items():
         assert text == str(params[name].default), (name, text, params[name].default)
+
+
+@pytest.mark.parametrize("command", ["train", "pretrain", "craft"])
+def test_every_command_that_reads_a_dataset_offers_the_download_its_errors_name(command, capsys):
+    code, out = run_main(capsys, command, "--help")
+    assert code == 0 and "--download" in out

@@ -19,6 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # Options shared by several commands, declared once.
 DatasetOpt = Annotated[str, typer.Option(help="Dataset name (epic list datasets).")]
 DataRootOpt = Annotated[Path | None, typer.Option(help="Folder with the dataset files.")]
+DownloadOpt = Annotated[bool, typer.Option(help="Download the official files if absent.")]
 ModelOpt = Annotated[str, typer.Option(help="Model name (epic list models).")]
 WidthOpt = Annotated[int | None, typer.Option(help="Base width of ResNet/VGG models.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
@@ -69,7 +70,7 @@ def list_cmd(kind: Annotated[Kind, typer.Argument(help="What to list.")],
 def train(
     dataset: DatasetOpt = "digits",
     data_root: DataRootOpt = None,
-    download: Annotated[bool, typer.Option(help="Download the official files if absent.")] = False,
+    download: DownloadOpt = False,
     model: Annotated[str | None, typer.Option(
         help="Model name (epic list models; default convnet, or the --checkpoint's).")] = None,
     width: WidthOpt = None,
@@ -199,6 +200,7 @@ def pretrain(
     out: Annotated[Path, typer.Option(help="Model file to write (e.g. surrogate.pt).")],
     dataset: DatasetOpt = "digits",
     data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
     model: ModelOpt = "convnet",
     width: WidthOpt = None,
     epochs: EpochsOpt = None,
@@ -224,7 +226,8 @@ def pretrain(
     _check_out(out, folder=False)
     _check_out(Path(str(out) + ".run"), folder=True, flag="--out (its OUT.run/ folder)")
     cfg = RunConfig(dataset=dataset, data_root=None if data_root is None else str(data_root),
-                    model=model, width=width, train_slice=train_slice, out=str(out) + ".run",
+                    download=download, model=model, width=width, train_slice=train_slice,
+                    out=str(out) + ".run",
                     train=TrainConfig.from_dict({  # None (unset) flags are dropped
                         "epochs": epochs, "batch_size": batch_size, "lr": lr,
                         "augment": augment, "seed": seed, "device": device,
@@ -263,6 +266,7 @@ def craft(
     out: Annotated[Path, typer.Option(help="Output folder (one trial-NNN/ per target).")],
     dataset: DatasetOpt = "digits",
     data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
     train_slice: Annotated[str | None, typer.Option(
         help="START:STOP: the victim's training examples (poison indices refer to them).")] = None,
     target_index: Annotated[int | None, typer.Option(help="Test image to attack.")] = None,
@@ -295,7 +299,8 @@ def craft(
                       _parse_options(option or []))
     cfg = CraftConfig(attack=spec, checkpoints=[str(p) for p in checkpoint], dataset=dataset,
                       data_root=None if data_root is None else str(data_root),
-                      train_slice=train_slice, targets=pairs, num_targets=targets,
+                      download=download, train_slice=train_slice, targets=pairs,
+                      num_targets=targets,
                       formats=("epic", "benchmark") if benchmark_format else ("epic",),
                       seed=seed, device=device, out=str(out), progress=progress)
     for record in craft_poisons(cfg):

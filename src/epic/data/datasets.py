@@ -282,7 +282,8 @@ class CIFAR10(_SplitMixin, tvd.CIFAR10):
         missing = [n for n in [*files, self.meta["filename"]] if not (self._folder / n).is_file()]
         if missing:
             raise _not_found(self._folder, f"Missing {', '.join(missing)}: put the official "
-                             f"python-version files there, or pass download=True.")
+                             "python-version files there, or pass download=True (--download on "
+                             "the command line).")
         self._load_meta()
         chunks, targets = [], []
         for name in files:
@@ -370,7 +371,8 @@ class MNIST(_ArrayDataset):
             images, labels = self.files[train]
             folder = self._torchvision_cls.__name__
             raise _not_found(base, f"Put {images}[.gz] and {labels}[.gz] there (or in raw/ or "
-                                   f"{folder}/raw/), or pass download=True.")
+                                   f"{folder}/raw/), or pass download=True (--download on the "
+                                   "command line).")
         data = read_idx(found[0])
         if data.dtype != np.uint8 or data.ndim != 3:
             raise _not_found(found[0], f"Expected uint8 images of shape (N, H, W), got "
@@ -495,7 +497,8 @@ class TinyImageNet(_ArrayDataset):
         if not (folder / "wnids.txt").is_file():
             raise _not_found(folder, "Expected wnids.txt, train/<wnid>/images/*.JPEG and "
                                      "val/images + val/val_annotations.txt from "
-                                     "tiny-imagenet-200.zip; unzip it there or pass download=True.")
+                                     "tiny-imagenet-200.zip; unzip it there or pass download=True "
+                                     "(--download on the command line).")
         self.classes = sorted({w.strip() for w in (folder / "wnids.txt").read_text().split()})
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.class_names = self._class_names(folder / "words.txt")

@@ -608,6 +608,11 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, *,
     _check_stored(cfg, out, rows)
     if "checkpoint" in cfg.surrogate:
         _existing_checkpoint(Path(cfg.surrogate["checkpoint"]))
+    if root is not None and not Path(root).exists():  # the loaders' fix would be a download
+        built = " (`make data` builds the CIFAR-10 copies in .cache)" \
+            if cfg.dataset == "cifar10" else ""
+        raise EpicError(f"no {cfg.dataset} data at {root}{built}: put the files there or point "
+                        "the config's data_root at them; `epic bench` does not download")
     test = load_split(cfg.dataset, root, train=False)
     out.mkdir(parents=True, exist_ok=True)
     main = dist.is_main()  # under torchrun only rank 0 writes the harness's files

@@ -40,7 +40,8 @@ class CraftConfig:
     Args:
         attack: the attack, its threat model and hyperparameters; a registered name (the
             default threat model) or a mapping is turned into an :class:`AttackSpec`.
-        dataset, data_root, train_slice: the victim's training split (as in ``epic train``).
+        dataset, data_root, train_slice: the victim's training split (as in ``epic train``);
+            ``download`` fetches the official files when they are absent.
         checkpoints: surrogate model files from ``epic pretrain`` (several = an ensemble).
         targets: explicit ``(test index, adversarial class)`` pairs; else ``num_targets``
             random ones drawn with ``seed`` (a test image and a class other than its own).
@@ -55,6 +56,7 @@ class CraftConfig:
     checkpoints: list[str]
     dataset: str = "digits"
     data_root: str | None = None
+    download: bool = False
     train_slice: str | None = None
     targets: list[tuple[int, int]] = field(default_factory=list)
     num_targets: int = 1
@@ -165,7 +167,8 @@ def craft_poisons(cfg: CraftConfig, *, retrain: Retrain | None = None) -> list[d
     attack, threat = cfg.attack.create(), cfg.attack.threat
     if retrain is None and cfg.attack.options.get("retrain_rounds"):
         retrain = retrainer(cfg.checkpoints[0])
-    train, test = load_splits(cfg.dataset, cfg.data_root, cfg.train_slice)
+    train, test = load_splits(cfg.dataset, cfg.data_root, cfg.train_slice,
+                              download=cfg.download)
     models = [load_model(path) for path in cfg.checkpoints]
     pairs = list(cfg.targets) or choose_targets(test, cfg.num_targets, cfg.seed)
     out = Path(cfg.out)
