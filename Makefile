@@ -21,10 +21,17 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/epic demo --out runs/demo
 
-# Builds the CIFAR-10 copy from ../shared/data once; tests that need it skip when it is absent.
+# Builds the CIFAR-10 copy from ../shared/data once (tests that need it skip when it is absent),
+# and a copy whose first 2,500 training images are the true pixels (for
+# configs/cpu-cifar10-transfer-lossless.yaml).
 data: venv
 	@if [ -f "$(SHARED)/cifar10/build.py" ] && [ ! -f "$(CACHE)/cifar10/cifar-10-batches-py/test_batch" ]; then \
 		mkdir -p "$(CACHE)/cifar10" && $(BIN)/python "$(SHARED)/cifar10/build.py" "$(CACHE)/cifar10"; \
+	fi
+	@if [ -f "$(SHARED)/cifar10/cifar10-exact-subset.npz" ] && [ -f "$(CACHE)/cifar10/cifar-10-batches-py/test_batch" ] \
+		&& [ ! -d "$(CACHE)/cifar10-lossless" ]; then \
+		$(BIN)/python tools/cifar10_lossless.py --source "$(CACHE)/cifar10" --shared "$(SHARED)" \
+			--out "$(CACHE)/cifar10-lossless"; \
 	fi
 
 test: venv data

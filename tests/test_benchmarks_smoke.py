@@ -314,3 +314,30 @@ def test_poison_contribution_ranks_and_retrains_a_finetune_bench(finetune_gm_ben
         assert 0 <= r[f"{name}_share"] <= 1 and 0 <= r[f"{name}_poisons"] <= 27
     assert isinstance(r["hit_without_group_top"], bool)
     assert isinstance(r["hit_without_as_many_by_contribution"], bool)
+
+
+def test_cifar10_lossless_overlays_the_true_pixels(tmp_path):
+    """tools/cifar10_lossless.py: the first --count training images become the shared lossless
+    subset's (same labels), the rest of the copy stays byte for byte; a bad --count is one line."""
+    source = Path(default_data_root("cifar10"))
+    shared = Path(os.environ.get("EPIC_SHARED_DATA", ROOT.parent / "shared" / "data"))
+    subset = shared / "cifar10" / "cifar10-exact-subset.npz"
+    if not (source / "cifar-10-batches-py" / "data_batch_1").is_file() or not subset.is_file():
+        pytest.skip("needs the CIFAR-10 copy of `make data` and the shared lossless subset")
+    import numpy as np
+
+    from epic.data import load_split
+
+    script = [sys.executable, str(ROOT / "tools/cifar10_lossless.py"), "--source", str(source),
+              "--shared", str(shared), "--out", str(tmp_path / "c10")]
+    proc = subprocess.run([*script, "--count", "30"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    new = load_split("cifar10", tmp_path / "c10", train=True)
+    old = load_split("cifar10", source, train=True)
+    exact = torch.from_numpy(np.load(subset)["x_train"][:31]).permute(0, 3, 1, 2)
+    assert torch.equal(new.images[:30], exact[:30]) and not torch.equal(new.images[30], exact[30])
+    assert torch.equal(new.images[30:], old.images[30:]) and torch.equal(new.labels, old.labels)
+    assert not torch.equal(old.images[:30], exact[:30])  # the built copy is JPEG-compressed
+    proc = subprocess.run([*script, "--count", "5000"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: --count must be between 1 and 4000 (the lossless subset's size)"]
