@@ -395,3 +395,10 @@ def test_bench_without_its_data_names_the_folder_and_no_download(tmp_path, capsy
                    "CIFAR-10 copies in .cache): put the files there or point the config's "
                    "data_root at them; `epic bench` does not download")
     assert not (tmp_path / "o").exists()
+    raw = {**TINY, "trials": 1, "data_root": str(tmp_path / "missing"), "defenses": ["none"],
+           "replicates": 1}
+    raw["surrogate"] = {**TINY["surrogate"], "epochs": 1}
+    raw["victim"] = {**TINY["victim"], "epochs": 1}
+    raw["attacks"] = [{**TINY["attacks"][0], "options": {"steps": 1}}]
+    # digits ships with scikit-learn and reads no folder: its data_root is not checked
+    assert len(run_bench(load_bench_config(raw), tmp_path / "d", progress=False)) == 1
