@@ -14,6 +14,7 @@ from epic.attacks import Target, ThreatModel, create_attack, list_attacks
 from epic.attacks.bullseye_polytope import BullseyePolytope
 from epic.attacks.feature_collision import FeatureCollision, default_beta
 from epic.data import ImageTensors, PoisonSet, jpeg_compress
+from epic.data.codec import jpeg_straight_through
 from epic.models import forward_with_features
 
 ATTACKS = ["bullseye-polytope", "feature-collision"]
@@ -156,6 +157,30 @@ def test_bullseye_jpeg_adapts_to_compression(digits):
     assert "final_plain_loss" not in plain.metadata["result"]
 
 
+def test_bullseye_jpeg_list_averages_the_loss_over_every_quality(digits):
+    """``jpeg=[Q1, Q2]``: the objective is the mean of the plain Bullseye loss and that of a
+    JPEG copy at each quality (sorted, repeats once), and its gradient reaches the pixels."""
+    pytest.importorskip("kornia")
+    from epic.attacks.bullseye_polytope import bullseye_loss
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8),
+                                torch.nn.ReLU(), torch.nn.Linear(8, 10)).eval()
+    g = torch.Generator().manual_seed(0)
+    poisons = torch.rand(4, 3, 16, 16, generator=g, requires_grad=True)
+    target = [torch.randn(1, 8, generator=g)]
+    attack = BullseyePolytope(jpeg=[90, 50, 90])
+    assert attack.jpeg == [50, 90]
+    loss = attack._loss([model], poisons, target)
+    with torch.no_grad():
+        parts = [float(bullseye_loss([model], x, target)) for x in
+                 (poisons, jpeg_straight_through(poisons, 50), jpeg_straight_through(poisons, 90))]
+    assert float(loss.detach()) == pytest.approx(sum(parts) / 3, rel=1e-6)
+    assert float(loss.detach()) != pytest.approx((parts[0] + parts[1]) / 2, rel=1e-3)
+    loss.backward()
+    assert poisons.grad is not None and poisons.grad.abs().sum() > 0
+    assert BullseyePolytope(jpeg=70).jpeg == 70 and BullseyePolytope()._qualities == ()
+
+
 @pytest.mark.parametrize("watermark", [0.0, 0.3])
 def test_feature_collision_moves_poisons_to_target(digits, surrogates, target, watermark):
     train, _ = digits
@@ -259,6 +284,11 @@ def test_round_trip(tmp_path, digits, surrogates, target, name, fmt):
     (BullseyePolytope, {"tol": -1.0}),
     (BullseyePolytope, {"jpeg": 101}),
     (BullseyePolytope, {"jpeg": -1}),
+    (BullseyePolytope, {"jpeg": []}),
+    (BullseyePolytope, {"jpeg": [70, 0]}),
+    (BullseyePolytope, {"jpeg": [70, 101]}),
+    (BullseyePolytope, {"jpeg": [70, 90.5]}),
+    (BullseyePolytope, {"jpeg": "70"}),
     (FeatureCollision, {"steps": 0}),
     (FeatureCollision, {"lr": 0.0}),
     (FeatureCollision, {"lr": "0.1"}),

@@ -17,6 +17,7 @@ __all__ = [
     "check_fraction",
     "check_int",
     "check_labels",
+    "check_qualities",
     "check_tensor",
 ]
 
@@ -100,6 +101,18 @@ def check_int(name: str, value: Any, *, minimum: int | None = None,
     if maximum is not None and value > maximum:
         raise EpicError(f"{name} must be <= {maximum}, got {value}")
     return value
+
+
+def check_qualities(name: str, value: Any) -> tuple[int, ...]:
+    """JPEG qualities: an int (0: none) or a non-empty list of ints in 1-100, as a sorted
+    tuple without repeats (``()`` for 0)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise EpicError(f"{name} must be a quality (1-100, 0 for off) or a non-empty "
+                            f"list of them, got {value!r}")
+        return tuple(sorted({check_int(name, q, minimum=1, maximum=100) for q in value}))
+    quality = check_int(name, value, minimum=0, maximum=100)
+    return (quality,) if quality else ()
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:

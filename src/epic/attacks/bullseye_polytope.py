@@ -21,7 +21,8 @@ projected into the eps ball and the ``[0, 1]`` box after every step.
 EPIC-plus's ``squeeze``): every step also scores the poisons' JPEG copy at quality ``Q``, the
 real codec's output with the gradient of a differentiable model of it (BPDA, Athalye et al.
 2018; :func:`~epic.data.codec.jpeg_straight_through`), so that the centroid lands on the
-target with and without compression and a copy's features move less.
+target with and without compression and a copy's features move less. ``jpeg=[Q1, Q2, ...]``
+scores a copy at each quality: the attacker of a defender who compresses at several.
 
 The surrogates are frozen feature extractors (eval mode, no parameter gradients), which is the
 transfer-learning threat model of the paper; the same objective is used when the victim later
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._validation import check_int, check_number
+from .._validation import check_int, check_number, check_qualities
 from ..data.codec import jpeg_straight_through
 from ..models.features import forward_with_features
 from .base import Attack, Crafted, Crafting, project, register_attack
@@ -74,8 +75,8 @@ class BullseyePolytope(Attack):
             the paper's value.
         tol: Stop early once the objective falls below ``tol`` (>= 0; 0 never stops early).
         jpeg: JPEG quality (1-100) of the copy the objective also scores (the mean of the
-            two losses; twice the surrogate passes per step; needs ``kornia``); 0 (default)
-            off.
+            two losses; twice the surrogate passes per step; needs ``kornia``), or a list of
+            qualities (a copy at each, all losses averaged); 0 (default) off.
 
     Raises:
         EpicError: A hyperparameter out of range.
@@ -89,28 +90,29 @@ class BullseyePolytope(Attack):
     name = "bullseye-polytope"
 
     def __init__(self, *, steps: int = 1500, lr: float = 0.04, tol: float = 0.0,
-                 jpeg: int = 0) -> None:
+                 jpeg: int | list[int] = 0) -> None:
         self.steps = check_int("steps", steps, minimum=1)
         self.lr = check_number("lr", lr, minimum=0, low_open=True)
         self.tol = check_number("tol", tol, minimum=0)
         # kornia is looked for when crafting: a config naming this attack loads without it
-        self.jpeg = check_int("jpeg", jpeg, minimum=0, maximum=100)
+        self._qualities = check_qualities("jpeg", jpeg)
+        self.jpeg = list(self._qualities) if isinstance(jpeg, (list, tuple)) else jpeg
 
     def _loss(self, models: list[nn.Module], poisons: Tensor, target_feats: list[Tensor]
               ) -> Tensor:
-        """The Bullseye objective; with ``jpeg``, its mean with that of the JPEG copy."""
+        """The Bullseye objective; with ``jpeg``, its mean with those of the JPEG copies."""
         loss = bullseye_loss(models, poisons, target_feats)
-        if not self.jpeg:
-            return loss
-        copy = jpeg_straight_through(poisons, self.jpeg)
-        return (loss + bullseye_loss(models, copy, target_feats)) / 2
+        for quality in self._qualities:
+            copy = jpeg_straight_through(poisons, quality)
+            loss = loss + bullseye_loss(models, copy, target_feats)
+        return loss / (1 + len(self._qualities))
 
     def _craft(self, job: Crafting) -> Crafted:
         """Optimise all poisons jointly; see the module docstring for the objective.
 
         Deterministic given the job (its generator is not used). ``result`` has
         ``initial_loss``, ``final_loss`` (the objective: with ``jpeg``, the mean with the JPEG
-        copy's), ``steps``, and with ``jpeg`` ``final_plain_loss`` (the Bullseye loss alone).
+        copies'), ``steps``, and with ``jpeg`` ``final_plain_loss`` (the Bullseye loss alone).
         """
         models, base, target_x, progress = job.models, job.base, job.target_x, job.progress
         eps = job.threat.eps / 255
