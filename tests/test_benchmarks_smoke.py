@@ -316,6 +316,62 @@ def test_poison_contribution_ranks_and_retrains_a_finetune_bench(finetune_gm_ben
     assert isinstance(r["hit_without_as_many_by_contribution"], bool)
 
 
+def test_true_pixel_accuracy_finds_each_image_in_a_shuffled_compressed_copy():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from true_pixel_accuracy import match
+
+    g = torch.Generator().manual_seed(0)
+    true = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=g)
+    labels = torch.arange(40) % 4
+    order = torch.randperm(40, generator=g)
+    noise = torch.randint(-6, 7, true.shape, generator=g)
+    copy = (true[order].int() + noise).clamp(0, 255).to(torch.uint8)  # shuffled, "compressed"
+    index, error = match(true, labels, copy, labels[order])
+    assert torch.equal(order[index], torch.arange(40))
+    assert bool((error > 0).all()) and float(error.max()) <= 6
+
+
+@pytest.mark.slow
+def test_true_pixel_accuracy_rebuilds_each_victim_of_a_bench(transfer_bench, tmp_path):
+    """Each stored victim (undefended replicates included) is found and rebuilt: on the test
+    split it scores the clean accuracy its run recorded."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from epic.data import load_split
+    from true_pixel_accuracy import evaluate, victims
+
+    bench = tmp_path / "bench"
+    shutil.copytree(transfer_bench, bench)
+    trial = bench / "runs/bullseye-polytope/victim/none/seed0/trial000"
+    shutil.copytree(trial, tmp_path / "rep1")  # a replicate, as a bench with replicates: 2
+    shutil.move(tmp_path / "rep1", trial / "rep1")
+    found = victims(bench, None)
+    assert [(d, r) for d, _, r in found] == [("none", trial), ("none", trial / "rep1")]
+    assert {k for _, k, _ in found} == {"bullseye-polytope/seed0/trial000"}
+    test = load_split("digits", None, train=False)
+    cache: dict = {}
+    for _, _, run in found:
+        (acc,) = evaluate(run, cache, [(test.images, test.labels)])
+        recorded = json.loads((run / "summary.json").read_text())["clean_test_acc"]
+        assert abs(acc - recorded) <= 0.01, run
+    assert len(cache) == 1  # one surrogate read once
+
+
+@pytest.mark.slow
+def test_true_pixel_accuracy_refuses_a_bench_of_another_dataset(transfer_bench, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/true_pixel_accuracy.py"), "--bench",
+                           str(transfer_bench), "--out", str(tmp_path / "r.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    shared = Path(os.environ.get("EPIC_SHARED_DATA", ROOT.parent / "shared" / "data"))
+    if not (shared / "cifar10" / "cifar10-exact-subset.npz").is_file():
+        assert proc.returncode == 1 and "pass --shared" in proc.stderr
+    else:
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+            f"error: {transfer_bench} is a digits bench; this tool reads CIFAR-10 ones"]
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_cifar10_lossless_overlays_the_true_pixels(tmp_path):
     """tools/cifar10_lossless.py: the first --count training images become the shared lossless
     subset's (same labels), the rest of the copy stays byte for byte; a bad --count is one line."""
