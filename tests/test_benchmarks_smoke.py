@@ -204,6 +204,8 @@ def test_feature_isolation_reads_a_transfer_bench(transfer_bench, tmp_path):
     (trial,) = data["trials"]
     assert 0 <= trial["group30_flagged"] <= 5 and 0 <= trial["poisons_off_label"] <= 1
     assert 0 <= trial["poison_median_percentile"] <= 1
+    assert trial["poison_move"] > 0 and trial["target_to_adv_class"] > 0  # 2 steps at eps 128
+    assert trial["poison_mean_to_target"] >= 0
 
 
 def test_label_scores_rank_a_mislabelled_example_first():

@@ -33,7 +33,10 @@ and by ``group30+squeeze{Q}``, the larger of its percentile rank and ``group30``
 Per trial it also reports how many poisons ``group30`` flags, the poisons' median percentile
 under it, and the share of poisons that the extractor's own head (the pretrained model's)
 assigns to a class other than their label: poisons still read as their label have not moved
-away from it, and no within-class score can set them apart.
+away from it, and no within-class score can set them apart. And where the trial sits
+(:func:`poison_geometry`): how far the poisons' features moved from their clean images', how
+far the target sits from the adversarial class, and how close the poisons' mean came to it;
+a target near the adversarial class needs poisons that barely move, which no score sees.
 """
 
 from __future__ import annotations
@@ -98,6 +101,23 @@ def label_scores(features: torch.Tensor, logits: torch.Tensor, labels: torch.Ten
             "group30+reference": with_reference(group, ref)}
 
 
+def poison_geometry(poisons: PoisonSet, base_images: torch.Tensor, feats: torch.Tensor,
+                    labels: torch.Tensor, is_poison: torch.Tensor, extract
+                    ) -> dict[str, float]:
+    """Where one trial's poisons and target sit in the feature space. ``base_images``: the
+    clean images the poisons were made from; ``feats``: the poisoned training set's features;
+    ``extract``: images to features. ``poison_move``: the mean distance of a poison's features
+    from its base image's; ``target_to_adv_class``: the target's distance from the mean feature
+    of the adversarial class's clean examples (a target near that class needs poisons that
+    move little); ``poison_mean_to_target``: the poisons' mean feature's distance from the
+    target's (what Bullseye minimises)."""
+    target = extract(poisons.target_image[None])[0]
+    moved = (feats[poisons.base_indices] - extract(base_images)).norm(dim=1).mean()
+    adv = feats[(labels == poisons.adv_label) & ~is_poison].mean(0)
+    return {"poison_move": float(moved), "target_to_adv_class": float((target - adv).norm()),
+            "poison_mean_to_target": float((feats[is_poison].mean(0) - target).norm())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", required=True, help="an epic bench folder (transfer config)")
@@ -136,8 +156,11 @@ def main() -> None:
                 for x in images.split(500)], strict=True))
 
     for path in files:
-        poisoned, is_poison = splice_poisons(bench.train, PoisonSet.load(path))
+        poison_set = PoisonSet.load(path)
+        poisoned, is_poison = splice_poisons(bench.train, poison_set)
         logits, feats = forward(poisoned.images)
+        geometry = poison_geometry(poison_set, bench.train.images[poison_set.base_indices],
+                                   feats, poisoned.labels, is_poison, lambda x: forward(x)[1])
         flagged = int(round(args.top * len(feats)))
         ranked = scores(feats, poisoned.labels, tuple(args.k))
         group = ranked.get("group30")  # computed there unless --k leaves 30 out
@@ -162,7 +185,7 @@ def main() -> None:
                        "group30_flagged": int(is_poison[group.topk(flagged).indices].sum()),
                        "poison_median_percentile": float(rank[is_poison].median()),
                        "poisons_off_label": float(off[is_poison].float().mean()),
-                       "clean_off_label": float(off[~is_poison].float().mean())})
+                       "clean_off_label": float(off[~is_poison].float().mean()), **geometry})
     poisons = int(is_poison.sum())
     rows = [{"score": name, "mean_poisons_flagged": sum(c) / len(c),
              "trials_with_80pct": sum(x >= 0.8 * poisons for x in c), "per_trial": c}
@@ -172,10 +195,12 @@ def main() -> None:
                 [[r["score"], f"{r['mean_poisons_flagged']:.1f}", r["trials_with_80pct"]]
                  for r in rows])
     print_table(["trial", "group30 flagged", "poisons' median percentile",
-                 "poisons off their label", "clean off their label"],
+                 "poisons off their label", "clean off their label", "poisons' move",
+                 "target to adversarial class", "poisons' mean to target"],
                 [[t["trial"], t["group30_flagged"], f"{t['poison_median_percentile']:.3f}",
-                  f"{t['poisons_off_label']:.0%}", f"{t['clean_off_label']:.0%}"]
-                 for t in trials])
+                  f"{t['poisons_off_label']:.0%}", f"{t['clean_off_label']:.0%}",
+                  f"{t['poison_move']:.2f}", f"{t['target_to_adv_class']:.2f}",
+                  f"{t['poison_mean_to_target']:.2f}"] for t in trials])
     path = save("feature_isolation", {"rows": rows, "trials": trials,
                                       "bench": str(bench.folder)}, args.out)
     print(f"wrote {path}")

@@ -15,8 +15,9 @@ Reads each victim's ``checkpoint.pt`` under ``FOLDER/runs/<attack>/victim/<defen
 trainer's checkpoint; undefended replicates ``rep1``, ``rep2`` included) and the surrogate file
 its ``config.yaml`` names, whose spec rebuilds the model. Per defense: the mean accuracy over
 its victims on the true pixels and on the compressed copies, the spread over victims, and the
-mean change against the undefended victim of the same trial and bench seed (its first
-replicate), on the true pixels.
+mean change (with its standard error) against the undefended victim of the same trial and bench
+seed (its first replicate), on the true pixels; for ``none`` itself, its other replicates
+against the first: the spread that training seeds alone give.
 """
 
 from __future__ import annotations
@@ -147,24 +148,30 @@ def main() -> None:
                      "compressed": acc_copy})
         print(f"[{i + 1}/{len(found)}] {run}: {acc_true:.4f} true, {acc_copy:.4f} compressed",
               file=sys.stderr)
-    base = {r["trial"]: r["true"] for r in rows
+    base = {r["trial"]: r for r in rows
             if r["defense"] == "none" and Path(r["run"]).name.startswith("trial")}
     summary = []
     for defense in dict.fromkeys(r["defense"] for r in rows):
         mine = [r for r in rows if r["defense"] == defense]
         t, c = [r["true"] for r in mine], [r["compressed"] for r in mine]
-        paired = [r["true"] - base[r["trial"]] for r in mine if r["trial"] in base]
-        summary.append({"defense": defense, "victims": len(mine), "true": statistics.fmean(t),
-                        "true_spread": statistics.pstdev(t), "compressed": statistics.fmean(c),
-                        "change_vs_none_true": statistics.fmean(paired) if paired else None})
+        # against the undefended victim of the same target (for `none`: its other seeds)
+        paired = [r["true"] - base[r["trial"]]["true"] for r in mine
+                  if r["trial"] in base and r is not base[r["trial"]]]
+        summary.append({
+            "defense": defense, "victims": len(mine), "true": statistics.fmean(t),
+            "true_spread": statistics.pstdev(t), "compressed": statistics.fmean(c),
+            "change_vs_none_true": statistics.fmean(paired) if paired else None,
+            "change_stderr": (statistics.stdev(paired) / len(paired) ** 0.5
+                              if len(paired) > 1 else None), "paired": len(paired)})
     print(f"{len(true)} test images, matched at {float(error.mean()):.1f} levels of 255 on "
           f"average (largest {float(error.max()):.1f})")
     print_table(["defense", "victims", "accuracy, true pixels", "accuracy, compressed copies",
-                 "change vs none (true pixels)"],
+                 "change vs none, true pixels (pairs)"],
                 [[s["defense"], s["victims"], f"{s['true']:.2%} ± {s['true_spread']:.2%}",
                   f"{s['compressed']:.2%}",
-                  "-" if s["change_vs_none_true"] is None
-                  else f"{100 * s['change_vs_none_true']:+.2f} pt"] for s in summary])
+                  "-" if s["change_stderr"] is None
+                  else f"{100 * s['change_vs_none_true']:+.2f} ± "
+                       f"{100 * s['change_stderr']:.2f} pt ({s['paired']})"] for s in summary])
     path = save("true_pixel_accuracy", {"summary": summary, "victims": rows,
                                         "match_error_mean": float(error.mean()),
                                         "match_error_max": float(error.max()),
