@@ -653,6 +653,43 @@ def test_epic_plus_squeeze_drops_the_images_whose_squeezed_copy_moves_their_feat
     assert dropped[70] >= 8 and dropped[0] <= 2, dropped  # measured: 10 (13 transfer), 0
 
 
+def test_epic_plus_mirror_drops_the_images_whose_mirror_image_moves_their_features(digits):
+    """Every training image is made left-right symmetric, so mirroring leaves it unchanged;
+    20 images of class 3 then get +-40 levels of antisymmetric noise, which mirroring turns
+    into its negative, like a poison's crafted noise that stops lining up when flipped.
+    ``mirror`` drops those 20, whose features move; without it the features alone do not set
+    them apart (texture and JPEG rank off, so only the two feature ranks count)."""
+    train, _ = digits
+    pixels = train.images.int()
+    symmetric = (pixels + pixels.flip(-1)) // 2
+    g = torch.Generator().manual_seed(1)
+    noisy = (train.labels == 3).nonzero().squeeze(1)[:20]
+    half = torch.randint(0, 2, (20, *pixels.shape[1:]), generator=g) * 40 - 20
+    symmetric[noisy] += half - half.flip(-1)
+    marked = dataclasses.replace(train, images=symmetric.clamp(0, 255).to(train.images.dtype))
+    dropped = {}
+    for mirror in (True, False):
+        plus = create_defense("epic-plus", fraction=0.02, stem="never", squeeze=0,
+                              mirror=mirror)
+        trainer = Trainer(small_model(), marked, callbacks=[plus], config=TrainConfig(
+            epochs=4, batch_size=64, lr=0.05, augment="none", progress=False,
+            scenario="transfer"))
+        trainer.fit()
+        dropped[mirror] = int((~trainer.active[noisy]).sum())
+        assert plus.summary()["mirror"] is mirror
+    assert dropped[True] >= 10 and dropped[False] <= 2, dropped  # measured: 13, 0
+
+
+def test_mirror_is_a_boolean_and_needs_the_images_in_memory():
+    with pytest.raises(EpicError, match="mirror must be true or false, got 'yes'"):
+        EpicPlus(mirror="yes")
+    with pytest.raises(EpicError, match=r"mirror flips the training images, and this run "
+                                        r"streams them; train from images in memory "
+                                        r"\(no --stream\) or pass mirror=False"):
+        EpicPlus(mirror=True, squeeze=0).on_train_start(
+            SimpleNamespace(config=TrainConfig(epochs=8), images=None))
+
+
 def test_a_reused_epic_plus_compresses_each_runs_own_images(digits, monkeypatch):
     """The JPEG copies belong to one run: a defense object trained with twice (as a
     library user may) compresses the second run's images, not the first's again."""

@@ -271,6 +271,14 @@ class EpicPlus(EpicDefense):
             and off when the images are streamed. Costs one compression of the training
             set and one pass over the copies per round (one in all with a frozen
             extractor); needs the images in memory. docs/defenses.md.
+        mirror: also rank each example by how far its penultimate features move on its
+            horizontal mirror image (:func:`squeeze_shift`), folded in as ``squeeze`` is
+            (default False). An extractor trained with flips barely moves a clean image's
+            features when it is mirrored; a poison's crafted noise stops lining up and its
+            features move back. Unlike a JPEG copy it is not a transform an attacker who
+            crafts through the codec has adapted to (docs/results.md); it assumes
+            flip-invariant classes (not digits or text). One pass over the flipped images
+            per round (one in all with a frozen extractor); needs the images in memory.
         patience: rounds an example must have been flagged in (and in at least half of the
             rounds so far) before it is dropped. ``None`` (default): 3 when the model trains
             from scratch, 1 when it starts pretrained (``scenario`` transfer or finetune).
@@ -307,7 +315,8 @@ class EpicPlus(EpicDefense):
                  proxy: str = "last-layer", proxy_pass: str | None = None,
                  proxy_precision: str = "float32", stem: str = "auto", seed: int = 0,
                  record_proxies: bool = False, relative: float | None = None,
-                 reference: bool = False, squeeze: int | None = None) -> None:
+                 reference: bool = False, squeeze: int | None = None,
+                 mirror: bool = False) -> None:
         super().__init__(warmup=1 if warmup is None else warmup, interval=interval,
                          until=until, proxy=proxy,
                          proxy_pass=proxy_pass or "separate",
@@ -323,6 +332,10 @@ class EpicPlus(EpicDefense):
         self.squeeze = self._squeeze or 0  # 0: off; resolved at the start, as patience
         self._squeezed: torch.Tensor | None = None  # the JPEG copies, uint8 on the CPU
         self._shift: tuple[torch.Tensor, torch.Tensor] | None = None  # (features, shift)
+        if not isinstance(mirror, bool):
+            raise EpicError(f"mirror must be true or false, got {mirror!r}")
+        self.mirror = mirror
+        self._mirror_shift: tuple[torch.Tensor, torch.Tensor] | None = None  # the same
         self._relative = None if relative is None else check_number("relative", relative,
                                                                      minimum=0)
         # until the run starts, score=None reads as "group" (its pick but in fine-tuning);
@@ -349,6 +362,7 @@ class EpicPlus(EpicDefense):
         if self._score is None:
             self._resolve("misfit" if trainer.config.scenario == "finetune" else "group")
         self._squeezed = self._shift = None  # this run's images: copies made at its first round
+        self._mirror_shift = None
         if self._squeeze is None:
             transfer = trainer.config.scenario == "transfer" and trainer.images is not None
             self.squeeze = _SQUEEZE_TRANSFER if transfer else 0
@@ -356,6 +370,9 @@ class EpicPlus(EpicDefense):
             raise EpicError("squeeze compresses the training images, and this run streams "
                             "them from files; load them in memory (no --stream) or pass "
                             "squeeze=0")
+        if self.mirror and trainer.images is None:
+            raise EpicError("mirror flips the training images, and this run streams them; "
+                            "train from images in memory (no --stream) or pass mirror=False")
 
     def check_config(self, config: Any) -> None:
         if self._score is None:  # what on_train_start will pick
@@ -407,11 +424,23 @@ class EpicPlus(EpicDefense):
     def _logits(self, trainer: Any, idx: torch.Tensor) -> tuple[torch.Tensor, Any]:
         separate = self._rows is None
         out = self._stem_logits(trainer, idx)
-        if self.squeeze:
+        if self.squeeze or self.mirror:
             feats = out[1] if separate and out[1] is not None else trainer.predict(
                 idx, features=True, precision=self.proxy_precision)[1]
-            self._squeeze_pass(trainer, feats)
+            if self.squeeze:
+                self._squeeze_pass(trainer, feats)
+            if self.mirror:
+                self._mirror_pass(trainer, feats)
         return out
+
+    def _mirror_pass(self, trainer: Any, feats: torch.Tensor) -> None:
+        """:func:`squeeze_shift` of every example against its horizontal mirror image's
+        features (reused while the features do not change, as a frozen extractor's)."""
+        if self._mirror_shift is not None and torch.equal(self._mirror_shift[0], feats):
+            return
+        mirrored = trainer.predict(images=trainer.images.flip(-1), features=True,
+                                   precision=self.proxy_precision)[1]
+        self._mirror_shift = (feats, squeeze_shift(feats, mirrored).cpu())
 
     def _squeeze_pass(self, trainer: Any, feats: torch.Tensor) -> None:
         """:func:`squeeze_shift` of every example, from its eval-mode features ``feats`` and
@@ -454,6 +483,8 @@ class EpicPlus(EpicDefense):
             scores[small_classes(labels.cpu(), self.k)] = 0.0
         if self._shift is not None and len(self._shift[1]) == n:  # squeeze
             scores = with_rank(scores, self._shift[1])
+        if self._mirror_shift is not None and len(self._mirror_shift[1]) == n:  # mirror
+            scores = with_rank(scores, self._mirror_shift[1])
         stem_class = None
         if self.stem != "never" and self._stem_stats is not None and len(self._stem_stats) == n:
             labs = labels.cpu()
@@ -482,7 +513,7 @@ class EpicPlus(EpicDefense):
 
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "score": self.score, "k": self.k,
-                "relative": self.relative, "squeeze": self.squeeze}
+                "relative": self.relative, "squeeze": self.squeeze, "mirror": self.mirror}
 
     def _misfit_ranks(self, proxies: GradientProxy, labels: torch.Tensor) -> torch.Tensor:
         """Percentile ranks of :func:`~epic.selection.neighbourhood_loss` of the label's
