@@ -428,31 +428,27 @@ class EpicPlus(EpicDefense):
             feats = out[1] if separate and out[1] is not None else trainer.predict(
                 idx, features=True, precision=self.proxy_precision)[1]
             if self.squeeze:
-                self._squeeze_pass(trainer, feats)
+                if self._squeezed is None:  # the JPEG copies: made once per run
+                    self._squeezed = jpeg_compress(trainer.images.cpu(), self.squeeze)
+                self._shift = self._copy_shift(trainer, feats, self._shift,
+                                               lambda: self._squeezed)
             if self.mirror:
-                self._mirror_pass(trainer, feats)
+                self._mirror_shift = self._copy_shift(trainer, feats, self._mirror_shift,
+                                                      lambda: trainer.images.flip(-1))
         return out
 
-    def _mirror_pass(self, trainer: Any, feats: torch.Tensor) -> None:
-        """:func:`squeeze_shift` of every example against its horizontal mirror image's
-        features (reused while the features do not change, as a frozen extractor's)."""
-        if self._mirror_shift is not None and torch.equal(self._mirror_shift[0], feats):
-            return
-        mirrored = trainer.predict(images=trainer.images.flip(-1), features=True,
-                                   precision=self.proxy_precision)[1]
-        self._mirror_shift = (feats, squeeze_shift(feats, mirrored).cpu())
-
-    def _squeeze_pass(self, trainer: Any, feats: torch.Tensor) -> None:
-        """:func:`squeeze_shift` of every example, from its eval-mode features ``feats`` and
-        its JPEG copy's (the copies made once; the shift reused while the features do not
-        change, as a frozen extractor's)."""
-        if self._shift is not None and torch.equal(self._shift[0], feats):
-            return
-        if self._squeezed is None:
-            self._squeezed = jpeg_compress(trainer.images.cpu(), self.squeeze)
-        squeezed = trainer.predict(images=self._squeezed, features=True,
-                                   precision=self.proxy_precision)[1]
-        self._shift = (feats, squeeze_shift(feats, squeezed).cpu())
+    def _copy_shift(self, trainer: Any, feats: torch.Tensor,
+                    last: tuple[torch.Tensor, torch.Tensor] | None,
+                    copies: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(feats, shift)``: :func:`squeeze_shift` of every example, from its eval-mode
+        features ``feats`` and those of its copy in ``copies()`` (a JPEG copy for
+        ``squeeze``, the mirror image for ``mirror``); ``last`` is reused while the features
+        do not change (a frozen extractor's)."""
+        if last is not None and torch.equal(last[0], feats):
+            return last
+        moved = trainer.predict(images=copies(), features=True,
+                                precision=self.proxy_precision)[1]
+        return feats, squeeze_shift(feats, moved).cpu()
 
     def _stem_logits(self, trainer: Any, idx: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """The round's logits and features, and the first-layer statistics for ``stem``."""
@@ -481,10 +477,9 @@ class EpicPlus(EpicDefense):
         else:
             scores = knn_isolation(proxies, labels, k=self.k).cpu()
             scores[small_classes(labels.cpu(), self.k)] = 0.0
-        if self._shift is not None and len(self._shift[1]) == n:  # squeeze
-            scores = with_rank(scores, self._shift[1])
-        if self._mirror_shift is not None and len(self._mirror_shift[1]) == n:  # mirror
-            scores = with_rank(scores, self._mirror_shift[1])
+        for shift in (self._shift, self._mirror_shift):  # squeeze, mirror
+            if shift is not None and len(shift[1]) == n:
+                scores = with_rank(scores, shift[1])
         stem_class = None
         if self.stem != "never" and self._stem_stats is not None and len(self._stem_stats) == n:
             labs = labels.cpu()
