@@ -17,13 +17,15 @@ from epic.models import load_model
 
 @dataclass(frozen=True)
 class Bench:
-    """A bench folder's config, training split (after ``train_slice``) and first surrogate
-    (in eval mode, from the config's ``checkpoint`` or the folder's ``surrogates/``)."""
+    """A bench folder's config, training split (after ``train_slice``), test split and first
+    surrogate (in eval mode, from the config's ``checkpoint`` or the folder's
+    ``surrogates/``)."""
 
     folder: Path
     config: BenchConfig
     seed: int
     train: Any
+    test: Any
     surrogate: nn.Module
 
 
@@ -32,7 +34,7 @@ def open_bench(folder: str | Path, seed: int | None = None) -> Bench:
     folder = Path(folder)
     cfg = load_bench_config(folder / "config.yaml")
     seed = cfg.seeds[0] if seed is None else seed
-    train, _ = load_splits(cfg.dataset, cfg.data_root or default_data_root(cfg.dataset),
-                           cfg.train_slice)
+    train, test = load_splits(cfg.dataset, cfg.data_root or default_data_root(cfg.dataset),
+                              cfg.train_slice)
     surrogate = load_model(surrogate_paths(cfg, folder, seed)[0]).eval()
-    return Bench(folder, cfg, seed, train, surrogate)
+    return Bench(folder, cfg, seed, train, test, surrogate)

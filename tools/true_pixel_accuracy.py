@@ -35,9 +35,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _bench import open_bench  # noqa: E402
 from _common import print_table, save  # noqa: E402
+from cifar10_lossless import SUBSET  # noqa: E402  (the shared lossless subset's path)
 from epic.models import load_model  # noqa: E402
 
-SUBSET = "cifar10/cifar10-exact-subset.npz"
 # The shared copy's mean absolute error against the true pixels is 5.8/255; a match farther
 # than this is not the same image.
 MATCH_LIMIT = 20.0
@@ -121,10 +121,7 @@ def main() -> None:
     if bench.config.dataset != "cifar10":
         sys.exit(f"error: {args.bench[0]} is a {bench.config.dataset} bench; this tool reads "
                  "CIFAR-10 ones")
-    from epic.evaluation.bench import default_data_root
-    from epic.evaluation.run import load_splits
-
-    _, test = load_splits("cifar10", bench.config.data_root or default_data_root("cifar10"))
+    test = bench.test
     true, labels = lossless_test(args.shared / SUBSET)
     index, error = match(true, labels, test.images, test.labels)
     if float(error.max()) > MATCH_LIMIT or len(index.unique()) < len(index):
